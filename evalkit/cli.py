@@ -1,0 +1,232 @@
+"""Command-line interface: argument parsing only; the work is in pipeline, datasets, mock_server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+EXIT_AUTH = 3
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model under test")
+    g.add_argument("--config", type=Path, help="TOML file holding any of these options (underscored names)")
+    g.add_argument("--endpoint", action="append", help="OpenAI-compatible base URL; repeat (or comma-separate) for replicas [http://127.0.0.1:8000/v1]")
+    g.add_argument("--model", help="model id to request [first id from GET /v1/models]")
+    g.add_argument("--api-key-env", help="environment variable holding the API key [EVALKIT_API_KEY, else OPENAI_API_KEY]")
+    g.add_argument("--api", choices=["chat", "completions"], help="endpoint kind [chat]")
+    g.add_argument("--wait", type=float, help="seconds to wait for the endpoint to come up [0]")
+    g = p.add_argument_group("what to evaluate")
+    g.add_argument("--dimensions", help="comma list of TrustLLM dimensions (see `evalkit list`)")
+    g.add_argument("--subtasks", help="comma list of subtasks (see `evalkit list`)")
+    g.add_argument("--data-path", type=Path, help="datasets folder (<dataset>/<file>) [$EVALKIT_DATA, else the datasets cache]")
+    g.add_argument("--limit", type=int, help="only the first N items of each subtask")
+    g = p.add_argument_group("generation (override the per-subtask defaults)")
+    g.add_argument("--max-tokens", type=int, help="max new tokens [per subtask: 512]")
+    g.add_argument("--temperature", type=float, help="sampling temperature [per subtask: TrustLLM's table]")
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--system-prompt", help="system prompt for every subtask ('' for none) [per subtask]")
+    g = p.add_argument_group("judges")
+    g.add_argument("--judges", help="comma list of keyword, classifier, llm [per subtask default]")
+    g.add_argument("--judge-endpoint", action="append", help="base URL of the LLM judge (replicas allowed)")
+    g.add_argument("--judge-model", help="model id of the LLM judge")
+    g.add_argument("--judge-api-key-env", help="environment variable holding the judge's API key")
+    g.add_argument("--classifier-model", help="HF id or local path of the refusal classifier [LibrAI/longformer-harmful-ro]")
+    g.add_argument("--classifier-device", help="cpu, cuda, cuda:N [cpu]")
+    g.add_argument("--classifier-batch-size", type=int)
+    g = p.add_argument_group("engine")
+    g.add_argument("--concurrency", type=int, help="requests in flight [64]")
+    g.add_argument("--rps", type=float, help="max requests started per second [unlimited]")
+    g.add_argument("--max-attempts", type=int, help="attempts per request [6]")
+    g.add_argument("--attempt-timeout", type=float, help="seconds per attempt [300]")
+    g.add_argument("--max-request-time", type=float, help="seconds per request, retries included [900]")
+    g.add_argument("--stream", action="store_true", default=None, help="stream answers (measures time to first token)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", type=Path, help="runs folder; each model gets <output>/<model-slug>/ [runs]")
+    g.add_argument("--restart", action="store_true", default=None, help="discard earlier records instead of resuming")
+
+
+CONFIG_FIELDS = (
+    "endpoint model api_key_env api wait dimensions subtasks data_path limit max_tokens temperature top_p seed "
+    "system_prompt judges judge_endpoint judge_model judge_api_key_env classifier_model classifier_device "
+    "classifier_batch_size concurrency rps max_attempts attempt_timeout max_request_time stream progress output restart"
+).split()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evalkit", description="Evaluate how trustworthy a model behind an OpenAI-compatible endpoint is.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (
+        ("run", "generate, judge and score"),
+        ("generate", "send the prompts and store the answers (stage 1)"),
+        ("evaluate", "judge and score stored answers (stages 2-3)"),
+    ):
+        _run_options(sub.add_parser(name, help=help_, description=help_))
+    lp = sub.add_parser("list", help="dimensions, subtasks, judges and datasets")
+    lp.add_argument("--data-path", type=Path)
+    dp = sub.add_parser("datasets", help="fetch or list datasets")
+    dsub = dp.add_subparsers(dest="datasets_command", required=True)
+    fp = dsub.add_parser("fetch", help="download and verify datasets into the cache")
+    fp.add_argument("names", nargs="*", help="datasets to fetch [all]")
+    fp.add_argument("--dest", type=Path, help="folder to fill [the datasets cache]")
+    fp.add_argument("--mirror", help="base URL laid out as <mirror>/<dataset>/<path> instead of upstream")
+    fp.add_argument("--force", action="store_true", help="download even files already verified")
+    dl = dsub.add_parser("list", help="show which datasets are present and verified")
+    dl.add_argument("--data-path", type=Path)
+    mp = sub.add_parser("mock-server", help="a fault-injecting mock OpenAI server for dry runs and tests")
+    from .mock_server import add_arguments
+
+    add_arguments(mp)
+    return p
+
+
+def _config_from(args: argparse.Namespace):
+    from .config import load_config
+
+    overrides: dict[str, Any] = {f: getattr(args, f, None) for f in CONFIG_FIELDS}
+    if args.system_prompt is not None:
+        overrides["system_prompt"] = args.system_prompt
+    return load_config(args.config, overrides)
+
+
+async def _evaluate(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
+    from .pipeline import RunContext, discover_model, generate, judge, load_manifest, model_slug, score
+    from .tasks import select
+
+    cfg = _config_from(args)
+    tasks = select(cfg.dimensions, cfg.subtasks)
+    if "generate" in stages:
+        model = await discover_model(cfg)
+        run_dir = cfg.output / model_slug(model)
+    else:
+        run_dir, model = _existing_run(cfg)
+    ctx = RunContext(cfg, tasks, model, run_dir, load_manifest(run_dir))
+    print(f"evalkit: model {model}, run folder {run_dir}, subtasks {', '.join(t.name for t in tasks)}", file=sys.stderr)
+    if "generate" in stages:
+        await generate(ctx)
+    if "judge" in stages:
+        await judge(ctx)
+        results = score(ctx)
+        _print_results(results, [t.name for t in tasks])
+        print(f"evalkit: results in {run_dir / 'results.json'}", file=sys.stderr)
+    else:
+        print(f"evalkit: responses in {run_dir / 'responses'}; judge and score them with `evalkit evaluate`", file=sys.stderr)
+    return 0
+
+
+def _existing_run(cfg) -> tuple[Path, str]:
+    from .config import ConfigError
+    from .pipeline import load_manifest, model_slug
+
+    if cfg.model:
+        run_dir = cfg.output / model_slug(cfg.model)
+        if not run_dir.is_dir():
+            raise ConfigError(f"no run folder {run_dir} for model {cfg.model}: run `evalkit generate` first, or check --output")
+        return run_dir, cfg.model
+    runs = sorted(p for p in cfg.output.glob("*") if (p / "responses").is_dir()) if cfg.output.is_dir() else []
+    if len(runs) != 1:
+        found = ", ".join(p.name for p in runs) or "none"
+        raise ConfigError(f"pass --model to choose the run to evaluate under {cfg.output} (found: {found})")
+    return runs[0], load_manifest(runs[0]).get("model", runs[0].name)
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _print_results(results: dict[str, Any], names: list[str]) -> None:
+    rows = [("subtask", "metric", "value", "trustllm", "n", "invalid", "judge")]
+    for name in names:
+        for m in results["subtasks"][name]["metrics"]:
+            arrow = "↑" if m["direction"] == "higher_is_better" else "↓"
+            rows.append((name, f"{m['name']} {arrow}", _fmt(m["value"]), _fmt(m.get("trustllm_value")), str(m["n"]), str(m["n_invalid"]), m["judge"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _list(args: argparse.Namespace) -> int:
+    from . import datasets
+    from .judges import __doc__ as judges_doc
+    from .tasks import DIMENSIONS, all_tasks
+
+    print("dimensions (--dimensions selects their TrustLLM subtasks): " + ", ".join(DIMENSIONS))
+    print("\nsubtasks (--subtasks):")
+    rows = [("name", "dimension", "suite", "metric", "default judge", "T", "data")]
+    for t in all_tasks().values():
+        arrow = "↑" if t.direction == "higher_is_better" else "↓"
+        rows.append((t.name, t.dimension, t.suite, f"{t.metric} {arrow}", ",".join(t.default_judges), _fmt(t.temperature), f"{t.dataset}/{t.file}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print("\njudges (--judges):" + (judges_doc or "").split("Judges:")[1].rstrip())
+    print("\ndatasets (`evalkit datasets list` checks them):")
+    for ds in datasets.registry().values():
+        print(f"  {ds.name:12} {len(ds.files):3} files  {ds.license}")
+    return 0
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    from . import datasets
+
+    if args.datasets_command == "fetch":
+        for line in asyncio.run(datasets.fetch(args.names, args.dest, args.mirror, args.force)):
+            print(line)
+        return 0
+    from .data import resolve_data_root
+
+    root = resolve_data_root(args.data_path) if (args.data_path or _env_data()) else datasets.cache_dir()
+    print(f"datasets under {root}:")
+    for r in datasets.listing(root):
+        state = "verified" if r["verified"] == r["files"] else f"{r['present']}/{r['files']} present, {r['verified']} verified"
+        print(f"  {r['name']:12} {state:32} {r['records']:6} records  {r['license']}")
+    return 0
+
+
+def _env_data() -> bool:
+    import os
+
+    return bool(os.environ.get("EVALKIT_DATA"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "mock-server":
+        from .mock_server import serve
+
+        serve(args)
+        return 0
+    from .config import ConfigError
+    from .data import DataError
+    from .datasets import FetchError
+    from .engine import FatalAuthError, RequestFailure
+    from .judges import JudgeError
+    from .records import RecordFileError
+    from .tasks import TaskSelectionError
+
+    try:
+        if args.command == "list":
+            return _list(args)
+        if args.command == "datasets":
+            return _datasets(args)
+        stages = {"run": ("generate", "judge"), "generate": ("generate",), "evaluate": ("judge",)}[args.command]
+        return asyncio.run(_evaluate(args, stages))
+    except FatalAuthError as e:
+        print(f"evalkit: stopped: {e}", file=sys.stderr)
+        return EXIT_AUTH
+    except (ConfigError, DataError, FetchError, JudgeError, RecordFileError, RequestFailure, TaskSelectionError) as e:
+        print(f"evalkit: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("evalkit: interrupted; records written so far are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

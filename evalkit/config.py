@@ -1,0 +1,176 @@
+"""Run configuration: pydantic models, TOML loading, API-key resolution.
+
+A config file holds the same names as the command-line options (with underscores), e.g.
+
+    endpoint = ["http://127.0.0.1:8000/v1"]
+    subtasks = ["advbench", "jailbreak"]
+    concurrency = 128
+
+Command-line values override the file. API keys are never part of the config: the config
+names the environment variable that holds the key, and the key is read when a request is
+sent, so it cannot leak into manifests, results or logs.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
+KEY_ENV_FALLBACKS = ("EVALKIT_API_KEY", "OPENAI_API_KEY")
+
+
+class ConfigError(Exception):
+    """A configuration problem the user must fix; the message says how."""
+
+
+def _split_list(value: Any) -> Any:
+    # "a,b" on the command line and ["a", "b"] in TOML mean the same thing.
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, list):
+        out: list[str] = []
+        for v in value:
+            out.extend(_split_list(v) if isinstance(v, str) else [v])
+        return out
+    return value
+
+
+def redact_url(url: str) -> str:
+    """Drop user:password@ and query strings (where keys sometimes hide) from a URL."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def resolve_api_key(env_name: str | None) -> str | None:
+    """The key from the named variable, else EVALKIT_API_KEY, else OPENAI_API_KEY."""
+    if env_name:
+        key = os.environ.get(env_name)
+        if not key:
+            raise ConfigError(
+                f"--api-key-env names ${env_name}, but that variable is empty or unset: "
+                f"export {env_name}=<your key>, or drop --api-key-env for an endpoint without a key"
+            )
+        return key
+    for name in KEY_ENV_FALLBACKS:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def key_source(env_name: str | None) -> str:
+    """Human-readable name of where the key comes from (for error messages only)."""
+    if env_name:
+        return f"${env_name}"
+    return " or ".join(f"${n}" for n in KEY_ENV_FALLBACKS) + " (or name another with --api-key-env)"
+
+
+class EngineConfig(BaseModel):
+    """Everything about how requests are sent: one place for concurrency and retries."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    concurrency: int = Field(64, ge=1, description="requests in flight at once")
+    rps: float | None = Field(None, gt=0, description="max requests started per second")
+    max_attempts: int = Field(6, ge=1, description="attempts per request, first one included")
+    max_request_time: float = Field(900.0, gt=0, description="cap on one request's total time with retries (s)")
+    attempt_timeout: float = Field(300.0, gt=0, description="cap on one attempt (s)")
+    connect_timeout: float = Field(30.0, gt=0, description="cap on opening a connection (s)")
+    backoff_base: float = Field(1.0, gt=0, description="first backoff ceiling (s), doubled each retry")
+    backoff_max: float = Field(60.0, gt=0, description="largest backoff or Retry-After honoured (s)")
+    stream: bool = Field(False, description="stream responses (SSE) to measure time to first token")
+    flush_every: int = Field(256, ge=1, description="records buffered before a write")
+    flush_interval: float = Field(1.0, gt=0, description="seconds between writes of a partial buffer")
+    progress: bool = True
+
+
+class RunConfig(BaseModel):
+    """All options of `evalkit run` / `generate` / `evaluate`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # what to evaluate
+    endpoint: list[str] = Field(default_factory=lambda: [DEFAULT_ENDPOINT])
+    model: str | None = None
+    api_key_env: str | None = None
+    api: Literal["chat", "completions"] = "chat"
+    wait: float = Field(0.0, ge=0, description="seconds to wait for the endpoint to come up")
+    # which subtasks
+    dimensions: list[str] = Field(default_factory=list)
+    subtasks: list[str] = Field(default_factory=list)
+    data_path: Path | None = None
+    limit: int | None = Field(None, ge=1)
+    # generation overrides (None: the subtask's default)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    system_prompt: str | None = None
+    # judging
+    judges: list[str] = Field(default_factory=list)
+    judge_endpoint: list[str] = Field(default_factory=list)
+    judge_model: str | None = None
+    judge_api_key_env: str | None = None
+    classifier_model: str = "LibrAI/longformer-harmful-ro"
+    classifier_device: str = "cpu"
+    classifier_batch_size: int = Field(32, ge=1)
+    # output
+    output: Path = Path("runs")
+    restart: bool = False
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @field_validator("endpoint", "dimensions", "subtasks", "judges", "judge_endpoint", mode="before")
+    @classmethod
+    def _comma_lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    def public_dump(self) -> dict[str, Any]:
+        """The config as stored in manifests: URLs redacted, no secrets (keys are never held)."""
+        data = self.model_dump(mode="json")
+        data["endpoint"] = [redact_url(u) for u in self.endpoint]
+        data["judge_endpoint"] = [redact_url(u) for u in self.judge_endpoint]
+        return data
+
+
+ENGINE_FIELDS = set(EngineConfig.model_fields)
+
+
+def load_config(config_file: Path | None, overrides: dict[str, Any]) -> RunConfig:
+    """Merge a TOML file (optional) with command-line overrides (None values are ignored)."""
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(Path(config_file).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {config_file} does not exist: check the --config path") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {config_file} is not valid TOML: {e}") from None
+    engine = dict(data.pop("engine", {}) or {})
+    for name in list(data):
+        if name in ENGINE_FIELDS:
+            engine[name] = data.pop(name)
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if name in ENGINE_FIELDS:
+            engine[name] = value
+        else:
+            data[name] = value
+    data["engine"] = engine
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        where = f" (from {config_file} and the command line)" if config_file else ""
+        lines = [f"invalid configuration{where}:"]
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"] if p != "engine")
+            lines.append(f"  {loc.replace('_', '-')}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None

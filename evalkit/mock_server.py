@@ -1,0 +1,218 @@
+"""A fault-injecting OpenAI-compatible mock server (aiohttp) for dry runs, tests and benchmarks.
+
+    evalkit mock-server --port 8000 --latency 0.2 --fault-rate 0.3 --script replies.json
+
+It answers /v1/models, /v1/chat/completions and /v1/completions (plain and SSE streaming) with
+scripted replies, after a configurable latency, and injects faults at a given rate: 429 with
+Retry-After, 500, a dropped connection, or a hang. GET /stats reports what it saw (requests,
+faults, peak concurrency), which tests and benchmarks read to check the client's behaviour.
+
+Script file (JSON): {"default": "text", "rules": [{"contains": "bomb", "reply": "I'm sorry"}]};
+the first rule whose `contains` is in the last message (or prompt) decides the reply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+FAULTS = ("429", "500", "reset", "hang")
+
+
+class MockState:
+    def __init__(self, args: argparse.Namespace):
+        self.model = args.model
+        self.latency = args.latency
+        self.itl = args.itl
+        self.fault_rate = args.fault_rate
+        self.faults = [f for f in args.faults.split(",") if f]
+        for f in self.faults:
+            if f not in FAULTS:
+                raise SystemExit(f"unknown fault {f!r}: choose from {', '.join(FAULTS)}")
+        self.retry_after = args.retry_after
+        self.hang_seconds = args.hang_seconds
+        self.api_key = args.api_key
+        self.auth_fail_after = args.auth_fail_after
+        self.rng = random.Random(args.seed)
+        script: dict[str, Any] = {}
+        if args.script:
+            script = orjson.loads(Path(args.script).read_bytes())
+        self.default_reply = args.reply if args.reply is not None else script.get("default", "Sure, here is what you asked for.")
+        self.rules = [(r["contains"], r["reply"]) for r in script.get("rules", [])]
+        self.counts: dict[str, int] = {"requests": 0, "completed": 0, "inflight": 0, "peak_inflight": 0}
+        for f in FAULTS:
+            self.counts[f] = 0
+        self.seen_auth: list[str] = []
+
+    def reply_for(self, text: str) -> str:
+        for needle, reply in self.rules:
+            if needle in text:
+                return reply
+        return self.default_reply
+
+
+def _error(status: int, message: str, etype: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = orjson.dumps({"error": {"message": message, "type": etype, "param": None, "code": None}})
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+async def models(request: web.Request) -> web.Response:
+    st: MockState = request.app["state"]
+    if (resp := _check_auth(st, request)) is not None:
+        return resp
+    return web.json_response({"object": "list", "data": [{"id": st.model, "object": "model", "owned_by": "evalkit-mock"}]})
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app["state"].counts)
+
+
+def _check_auth(st: MockState, request: web.Request) -> web.Response | None:
+    if st.api_key is None:
+        return None
+    if request.headers.get("Authorization") != f"Bearer {st.api_key}":
+        return _error(401, "Incorrect API key provided.", "invalid_request_error")
+    return None
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    st: MockState = request.app["state"]
+    chat = request.path.endswith("/chat/completions")
+    st.counts["requests"] += 1
+    n = st.counts["requests"]
+    if (resp := _check_auth(st, request)) is not None:
+        return resp
+    if st.auth_fail_after is not None and n > st.auth_fail_after:
+        return _error(401, "API key revoked.", "invalid_request_error")
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _error(400, "request body is not valid JSON", "invalid_request_error")
+    if chat:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            return _error(400, "'messages' must be a non-empty list", "invalid_request_error")
+        text = str(msgs[-1].get("content", ""))
+        prompt_text = " ".join(str(m.get("content", "")) for m in msgs)
+    else:
+        if "prompt" not in body:
+            return _error(400, "'prompt' is required", "invalid_request_error")
+        text = prompt_text = str(body["prompt"])
+    if body.get("model") != st.model:
+        return _error(404, f"The model `{body.get('model')}` does not exist.", "invalid_request_error")
+
+    if st.faults and st.rng.random() < st.fault_rate:
+        fault = st.rng.choice(st.faults)
+        st.counts[fault] += 1
+        if fault == "429":
+            return _error(429, "Rate limit reached.", "rate_limit_error", {"Retry-After": str(st.retry_after)})
+        if fault == "500":
+            return _error(500, "The server had an error.", "server_error")
+        if fault == "reset":
+            assert request.transport is not None
+            request.transport.close()
+            raise asyncio.CancelledError  # aiohttp drops the connection without a response
+        await asyncio.sleep(st.hang_seconds)
+
+    st.counts["inflight"] += 1
+    st.counts["peak_inflight"] = max(st.counts["peak_inflight"], st.counts["inflight"])
+    try:
+        if st.latency:
+            await asyncio.sleep(st.latency)
+        reply = st.reply_for(text)
+        max_tokens = body.get("max_tokens")
+        words = reply.split(" ")
+        if isinstance(max_tokens, int) and len(words) > max_tokens:
+            words = words[:max_tokens]
+            reply, finish = " ".join(words), "length"
+        else:
+            finish = "stop"
+        usage = {"prompt_tokens": len(prompt_text.split()), "completion_tokens": len(words)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        cid = f"cmpl-mock-{n}"
+        created = int(time.time())
+        if body.get("stream"):
+            return await _stream(request, st, chat, cid, created, words, finish, usage, body)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": finish}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": reply, "finish_reason": finish, "logprobs": None}
+            obj = "text_completion"
+        payload = {"id": cid, "object": obj, "created": created, "model": st.model, "choices": [choice], "usage": usage}
+        st.counts["completed"] += 1
+        return web.Response(body=orjson.dumps(payload), content_type="application/json")
+    finally:
+        st.counts["inflight"] -= 1
+
+
+async def _stream(request, st, chat, cid, created, words, finish, usage, body) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    for i, w in enumerate(words):
+        piece = w if i == 0 else " " + w
+        if chat:
+            choice = {"index": 0, "delta": {"content": piece} if i else {"role": "assistant", "content": piece}, "finish_reason": None}
+        else:
+            choice = {"index": 0, "text": piece, "finish_reason": None}
+        await resp.write(b"data: " + orjson.dumps({"id": cid, "object": obj, "created": created, "model": st.model, "choices": [choice]}) + b"\n\n")
+        if st.itl:
+            await asyncio.sleep(st.itl)
+    last = {"index": 0, "delta": {}, "finish_reason": finish} if chat else {"index": 0, "text": "", "finish_reason": finish}
+    await resp.write(b"data: " + orjson.dumps({"id": cid, "object": obj, "created": created, "model": st.model, "choices": [last]}) + b"\n\n")
+    if (body.get("stream_options") or {}).get("include_usage"):
+        await resp.write(b"data: " + orjson.dumps({"id": cid, "object": obj, "created": created, "model": st.model, "choices": [], "usage": usage}) + b"\n\n")
+    await resp.write(b"data: [DONE]\n\n")
+    st.counts["completed"] += 1
+    return resp
+
+
+def build_app(args: argparse.Namespace) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app["state"] = MockState(args)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/stats", stats)
+    app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_post("/v1/completions", completions)
+    return app
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default="mock-model", help="the one model id served")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    p.add_argument("--itl", type=float, default=0.0, help="seconds between streamed tokens")
+    p.add_argument("--reply", default=None, help="the reply to every prompt (overrides the script's default)")
+    p.add_argument("--script", default=None, help="JSON file of reply rules (see module doc)")
+    p.add_argument("--fault-rate", type=float, default=0.0, help="fraction of requests that get a fault")
+    p.add_argument("--faults", default=",".join(FAULTS), help=f"comma list of faults to inject: {','.join(FAULTS)}")
+    p.add_argument("--retry-after", type=float, default=0.1, help="Retry-After seconds sent with 429")
+    p.add_argument("--hang-seconds", type=float, default=3600.0, help="how long a 'hang' fault hangs")
+    p.add_argument("--api-key", default=None, help="require this Bearer key (401 otherwise)")
+    p.add_argument("--auth-fail-after", type=int, default=None, help="answer 401 after this many requests")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def serve(args: argparse.Namespace) -> None:
+    app = build_app(args)
+    print(f"mock OpenAI server on http://{args.host}:{args.port}/v1 (model {args.model})", flush=True)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, backlog=8192)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="evalkit mock-server", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    serve(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

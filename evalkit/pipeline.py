@@ -1,0 +1,404 @@
+"""The three stages over one run directory (DESIGN.md "Data flow"):
+
+    generate: dataset items -> Engine -> responses/<subtask>.jsonl
+    judge:    responses -> judges (keyword | classifier | llm through the Engine) -> judgments/<subtask>.jsonl
+    score:    responses + judgments -> Task.score -> results.json
+
+Each stage reads only the previous stage's files, resumes by record key, and records what it
+did in manifest.json.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import orjson
+
+from .config import ConfigError, RunConfig, key_source, redact_url, resolve_api_key
+from .data import Item, resolve_data_root, sha256_file
+from .engine import Engine, FatalAuthError, Request, RequestFailure, Result
+from .judges import JUDGES, JudgeError, Verdict, check_judge_names
+from .metrics import Metric
+from .records import (
+    ErrorInfo,
+    JsonlWriter,
+    JudgmentRecord,
+    ResponseRecord,
+    Usage,
+    load_for_resume,
+    read_records,
+    record_key,
+)
+from .tasks import Scored, Task
+
+
+def model_slug(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "__", model).strip("_") or "model"
+
+
+@dataclass
+class RunContext:
+    cfg: RunConfig
+    tasks: list[Task]
+    model: str
+    run_dir: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def responses_path(self, task: Task) -> Path:
+        return self.run_dir / "responses" / f"{task.name}.jsonl"
+
+    def judgments_path(self, task: Task) -> Path:
+        return self.run_dir / "judgments" / f"{task.name}.jsonl"
+
+
+# -- manifest --------------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("evalkit", "aiohttp", "tenacity", "asyncio-throttle", "pydantic", "orjson", "torch", "transformers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def load_manifest(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "manifest.json"
+    if path.exists():
+        return orjson.loads(path.read_bytes())
+    return {}
+
+
+def save_manifest(ctx: RunContext) -> None:
+    m = ctx.manifest
+    m.update(
+        {
+            "model": ctx.model,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": ctx.cfg.public_dump(),
+            "versions": _versions(),
+            "platform": platform.platform(),
+            "argv": [redact_url(a) if "://" in a else a for a in sys.argv[1:]],
+        }
+    )
+    m.setdefault("created", m["updated"])
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ctx.run_dir / "manifest.json.tmp"
+    tmp.write_bytes(orjson.dumps(m, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    tmp.replace(ctx.run_dir / "manifest.json")
+
+
+def record_datasets(ctx: RunContext, root: Path) -> None:
+    from .datasets import expected_sha256
+
+    entries = ctx.manifest.setdefault("datasets", {})
+    for t in ctx.tasks:
+        path = t.path(root)
+        digest = sha256_file(path)
+        expected = expected_sha256(t.dataset, t.file)
+        entries[f"{t.dataset}/{t.file}"] = {
+            "path": str(path),
+            "sha256": digest,
+            "matches_registry": None if expected is None else digest == expected,
+        }
+
+
+# -- stage 1: generate -----------------------------------------------------------------------
+
+
+def generation_params(cfg: RunConfig, task: Task) -> dict[str, Any]:
+    params: dict[str, Any] = {"max_tokens": cfg.max_tokens or task.max_tokens}
+    temperature = cfg.temperature if cfg.temperature is not None else task.temperature
+    if temperature is not None:
+        params["temperature"] = temperature
+    if cfg.top_p is not None:
+        params["top_p"] = cfg.top_p
+    if cfg.seed is not None:
+        params["seed"] = cfg.seed
+    return params
+
+
+async def discover_model(cfg: RunConfig) -> str:
+    """--model, else the first id the endpoint lists under /v1/models."""
+    if cfg.model:
+        return cfg.model
+    async with Engine(cfg.engine, cfg.endpoint, resolve_api_key(cfg.api_key_env), cfg.api, key_source(cfg.api_key_env)) as eng:
+        models = await eng.list_models(cfg.wait)
+    if not models:
+        raise ConfigError(f"{redact_url(cfg.endpoint[0])}/models lists no model: pass --model NAME")
+    return models[0]
+
+
+async def generate(ctx: RunContext) -> dict[str, Any]:
+    cfg = ctx.cfg
+    root = resolve_data_root(cfg.data_path)
+    record_datasets(ctx, root)
+    endpoint_id = sorted(redact_url(u) for u in cfg.endpoint)
+    system_override = cfg.system_prompt
+
+    plans: list[tuple[Task, list[Item], dict[str, Any], str | None, dict[str, ResponseRecord]]] = []
+    writers: dict[str, JsonlWriter] = {}
+    total = 0
+    for task in ctx.tasks:
+        items = task.load(root)
+        if cfg.limit:
+            items = items[: cfg.limit]
+        params = generation_params(cfg, task)
+        system = system_override if system_override is not None else task.system_prompt
+        done = load_for_resume(ctx.responses_path(task), ResponseRecord, cfg.restart)
+        plans.append((task, items, params, system, done))
+        total += sum(1 for it in items if _gen_key(endpoint_id, ctx.model, params, system, task, it) not in done)
+
+    def requests() -> Iterator[Request]:
+        for task, items, params, system, done in plans:
+            for it in items:
+                key = _gen_key(endpoint_id, ctx.model, params, system, task, it)
+                if key in done:
+                    continue
+                msgs = task.messages(it, system)
+                if cfg.api == "chat":
+                    body = {"messages": msgs, **params}
+                else:
+                    body = {"prompt": "\n\n".join(m["content"] for m in msgs), **params}
+                yield Request(key, body, (task, it, params, msgs))
+
+    def on_result(req: Request, res: Result) -> None:
+        task, it, params, msgs = req.meta
+        rec = ResponseRecord(
+            key=req.key,
+            subtask=task.name,
+            item_id=it.id,
+            model=ctx.model,
+            messages=msgs if cfg.api == "chat" else None,
+            prompt=req.body.get("prompt"),
+            params=params,
+            response=res.text if res.ok else None,
+            finish_reason=res.finish_reason,
+            usage=Usage(prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens) if res.ok else None,
+            latency_s=round(res.latency_s or 0.0, 6),
+            ttft_s=None if res.ttft_s is None else round(res.ttft_s, 6),
+            attempts=res.attempts,
+            endpoint=redact_url(res.endpoint) if res.endpoint else None,
+            error=None if res.ok else ErrorInfo(kind=res.error_kind or "transient", status=res.error_status, message=res.error_message or ""),
+            created=time.time(),
+            **it.data,
+        )
+        writers[task.name].write(rec)
+
+    started = time.time()
+    summary: dict[str, Any] = {"requests": 0}
+    for task, *_ in plans:
+        writers[task.name] = JsonlWriter(ctx.responses_path(task), cfg.engine.flush_every, cfg.engine.flush_interval)
+    try:
+        if total:
+            key = resolve_api_key(cfg.api_key_env)
+            async with Engine(cfg.engine, cfg.endpoint, key, cfg.api, key_source(cfg.api_key_env)) as eng:
+                eng.model = ctx.model
+                try:
+                    await eng.run(requests(), on_result, total=total, desc="generate")
+                finally:
+                    summary = eng.stats.summary()
+    finally:
+        for w in writers.values():
+            w.close()
+        ctx.manifest.setdefault("stages", {})["generate"] = {
+            "started": started,
+            "ended": time.time(),
+            "skipped_done": sum(len(p[4]) for p in plans),
+            **summary,
+        }
+        save_manifest(ctx)
+    return summary
+
+
+def _gen_key(endpoint_id: list[str], model: str, params: dict, system: str | None, task: Task, item: Item) -> str:
+    return record_key("generate", endpoint_id, model, params, system, task.name, item.id)
+
+
+# -- stage 2: judge --------------------------------------------------------------------------
+
+
+def judges_for(cfg: RunConfig, task: Task) -> list[str]:
+    names = cfg.judges or list(task.default_judges)
+    check_judge_names(names)
+    return names
+
+
+def _user_prompt(rec: ResponseRecord) -> str:
+    if rec.messages:
+        return next((m["content"] for m in reversed(rec.messages) if m.get("role") == "user"), "")
+    return rec.prompt or ""
+
+
+async def judge(ctx: RunContext) -> dict[str, Any]:
+    cfg = ctx.cfg
+    started = time.time()
+    local: dict[str, Any] = {}
+    llm_work: list[tuple[Task, Any, str, ResponseRecord, str]] = []  # task, judge, identity, response, key
+    writers: dict[str, JsonlWriter] = {}
+    counts: dict[str, int] = {}
+    llm_judge = None
+    summary: dict[str, Any] = {}
+    try:
+        for task in ctx.tasks:
+            responses = [r for r in read_records(ctx.responses_path(task), ResponseRecord) if r.error is None]
+            done = load_for_resume(ctx.judgments_path(task), JudgmentRecord, cfg.restart)
+            writer = writers[task.name] = JsonlWriter(ctx.judgments_path(task), cfg.engine.flush_every, cfg.engine.flush_interval)
+            for name in judges_for(cfg, task):
+                if name == "llm":
+                    llm_judge = llm_judge or make_judge(cfg, name)
+                    ident = llm_judge.identity(task.question)
+                    jid = [ident, sorted(redact_url(u) for u in cfg.judge_endpoint)]
+                    for r in responses:
+                        k = record_key("judge", jid, r.key)
+                        if k not in done:
+                            llm_work.append((task, llm_judge, ident, r, k))
+                    continue
+                j = local.get(name) or local.setdefault(name, make_judge(cfg, name))
+                ident = j.identity(task.question)
+                todo = [(r, record_key("judge", [ident], r.key)) for r in responses]
+                todo = [(r, k) for r, k in todo if k not in done]
+                if not todo:
+                    continue
+                verdicts = j.judge([_user_prompt(r) for r, _ in todo], [r.response or "" for r, _ in todo], task.question)
+                for (r, k), v in zip(todo, verdicts):
+                    writer.write(_judgment(k, r, ident, v, attempts=1))
+                counts[ident] = counts.get(ident, 0) + len(todo)
+        if llm_work:
+            summary = await _run_llm_judge(cfg, llm_work, writers)
+            for _, _, ident, _, _ in llm_work:
+                counts[ident] = counts.get(ident, 0) + 1
+    finally:
+        for w in writers.values():
+            w.close()
+        ctx.manifest.setdefault("stages", {})["judge"] = {
+            "started": started,
+            "ended": time.time(),
+            "judged": counts,
+            **({"llm_requests": summary} if summary else {}),
+        }
+        save_manifest(ctx)
+    return counts
+
+
+def _judgment(key: str, r: ResponseRecord, ident: str, v: Verdict, attempts: int, error: ErrorInfo | None = None) -> JudgmentRecord:
+    if error is None and v.label is None:
+        error = ErrorInfo(kind="judge_unparseable", message=v.error or "no verdict")
+    return JudgmentRecord(
+        key=key,
+        response_key=r.key,
+        subtask=r.subtask,
+        item_id=r.item_id,
+        judge=ident,
+        label=v.label,
+        raw=v.raw,
+        score=v.score,
+        attempts=attempts,
+        error=error,
+        created=time.time(),
+    )
+
+
+def make_judge(cfg: RunConfig, name: str):
+    """A judge object by name; construction is cheap (models load on first use)."""
+    if name == "keyword":
+        from .judges.keyword import KeywordJudge
+
+        return KeywordJudge()
+    if name == "classifier":
+        from .judges.classifier import ClassifierJudge
+
+        return ClassifierJudge(cfg.classifier_model, cfg.classifier_device, cfg.classifier_batch_size)
+    if name == "llm":
+        from .judges.llm import LLMJudge
+
+        if not cfg.judge_endpoint:
+            raise JudgeError("the llm judge needs --judge-endpoint URL (any OpenAI-compatible chat endpoint) and --judge-model")
+        if not cfg.judge_model:
+            raise JudgeError("the llm judge needs --judge-model NAME (the judge endpoint's model id)")
+        return LLMJudge(cfg.judge_model)
+    raise JudgeError(f"unknown judge {name!r}: choose from {', '.join(JUDGES)}")
+
+
+async def _run_llm_judge(cfg: RunConfig, work: list, writers: dict[str, JsonlWriter]) -> dict[str, Any]:
+    key = resolve_api_key(cfg.judge_api_key_env)
+    hint = key_source(cfg.judge_api_key_env).replace("--api-key-env", "--judge-api-key-env")
+
+    def requests() -> Iterator[Request]:
+        for task, j, ident, r, k in work:
+            yield Request(k, j.request_body(_user_prompt(r), r.response or "", task.question), (task, j, ident, r))
+
+    def on_result(req: Request, res: Result) -> None:
+        task, j, ident, r = req.meta
+        if res.ok:
+            rec = _judgment(req.key, r, ident, j.parse(res.text or "", task.question), res.attempts)
+        else:
+            err = ErrorInfo(kind=res.error_kind or "transient", status=res.error_status, message=res.error_message or "")
+            rec = _judgment(req.key, r, ident, Verdict(None), res.attempts, err)
+        writers[task.name].write(rec)
+
+    async with Engine(cfg.engine, cfg.judge_endpoint, key, "chat", hint) as eng:
+        eng.model = cfg.judge_model
+        try:
+            await eng.run(requests(), on_result, total=len(work), desc="judge")
+        finally:
+            summary = eng.stats.summary()
+    return summary
+
+
+# -- stage 3: score --------------------------------------------------------------------------
+
+
+def score(ctx: RunContext) -> dict[str, Any]:
+    cfg = ctx.cfg
+    results: dict[str, Any] = {
+        "model": ctx.model,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "subtasks": {},
+    }
+    for task in ctx.tasks:
+        responses = read_records(ctx.responses_path(task), ResponseRecord)
+        if not responses:
+            raise ConfigError(f"no responses for {task.name} in {ctx.responses_path(task)}: run `evalkit generate` first")
+        judgments = read_records(ctx.judgments_path(task), JudgmentRecord)
+        metrics: list[Metric] = []
+        for name in judges_for(cfg, task):
+            ident = make_judge(cfg, name).identity(task.question)
+            by_response = {j.response_key: j for j in judgments if j.judge == ident}
+            rows = [Scored(r, by_response.get(r.key)) for r in responses]
+            missing = sum(1 for s in rows if s.answered and s.judgment is None)
+            if missing:
+                raise ConfigError(f"{missing} {task.name} responses have no {ident} judgment: run `evalkit evaluate` to judge them")
+            metrics.extend(task.score(rows, ident))
+        results["subtasks"][task.name] = {
+            "dimension": task.dimension,
+            "suite": task.suite,
+            "metric": task.metric,
+            "direction": task.direction,
+            "n_responses": len(responses),
+            "n_failed_requests": sum(1 for r in responses if r.error is not None),
+            "metrics": [m.model_dump(exclude_none=True) for m in metrics],
+        }
+    path = ctx.run_dir / "results.json"
+    previous = orjson.loads(path.read_bytes()) if path.exists() else {}
+    # keep subtasks scored earlier in the same run dir; this run's subtasks replace theirs
+    merged = {**previous.get("subtasks", {}), **results["subtasks"]}
+    results["subtasks"] = merged
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    tmp.replace(path)
+    ctx.manifest.setdefault("stages", {})["score"] = {"ended": time.time(), "subtasks": [t.name for t in ctx.tasks]}
+    save_manifest(ctx)
+    return results
+
+
+__all__ = ["RunContext", "generate", "judge", "score", "discover_model", "model_slug", "FatalAuthError", "RequestFailure"]

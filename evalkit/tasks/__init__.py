@@ -1,0 +1,117 @@
+"""Subtask registry: name -> Task. One module per dimension registers its tasks on import."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..data import DataError, Item, check_json_records, dataset_file, load_csv, load_json_list
+from ..metrics import Metric
+from ..records import JudgmentRecord, ResponseRecord
+
+DIMENSIONS = ("truthfulness", "safety", "fairness", "robustness", "privacy", "ethics")
+TASKS: dict[str, "Task"] = {}
+
+
+def register(cls: type["Task"]) -> type["Task"]:
+    TASKS[cls.name] = cls()
+    return cls
+
+
+class TaskSelectionError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One response with its verdict, as handed to Task.score."""
+
+    response: ResponseRecord
+    judgment: JudgmentRecord | None
+
+    @property
+    def answered(self) -> bool:
+        return self.response.error is None and self.response.response is not None
+
+    @property
+    def label(self) -> str | None:
+        if not self.answered or self.judgment is None or self.judgment.error is not None:
+            return None
+        return self.judgment.label
+
+
+class Task:
+    """A subtask: its data file, how each item becomes a chat request, its judge question and metric."""
+
+    name: ClassVar[str]
+    dimension: ClassVar[str]
+    suite: ClassVar[str] = "trustllm"  # `--dimensions` selects trustllm-suite tasks; others by name
+    dataset: ClassVar[str]
+    file: ClassVar[str]
+    temperature: ClassVar[float | None] = None  # None: leave it to the server's default
+    max_tokens: ClassVar[int] = 512
+    system_prompt: ClassVar[str | None] = None
+    question: ClassVar[str]  # what the judge is asked: "refusal" | "harm"
+    default_judges: ClassVar[tuple[str, ...]]
+    metric: ClassVar[str]
+    direction: ClassVar[str]
+    summary: ClassVar[str]
+
+    def path(self, root: Path) -> Path:
+        return dataset_file(root, self.dataset, self.file)
+
+    def load(self, root: Path) -> list[Item]:
+        path = self.path(root)
+        if path.suffix == ".csv":
+            return [self.item(i, row) for i, row in enumerate(load_csv(path, self.required_fields()))]
+        rows, text = load_json_list(path)
+        check_json_records(path, rows, text, self.required_fields())
+        return [self.item(i, row) for i, row in enumerate(rows)]
+
+    def required_fields(self) -> tuple[str, ...]:
+        return ("prompt",)
+
+    def item(self, index: int, row: dict[str, Any]) -> Item:
+        group = self.group_of(row)
+        return Item(str(index), row["prompt"], {"group": group} if group else {})
+
+    def group_of(self, row: dict[str, Any]) -> str | None:
+        return None
+
+    def messages(self, item: Item, system_prompt: str | None) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        msgs.append({"role": "user", "content": item.prompt})
+        return msgs
+
+    def score(self, rows: list[Scored], judge: str) -> list[Metric]:
+        raise NotImplementedError
+
+
+def select(dimensions: list[str], subtasks: list[str]) -> list[Task]:
+    from . import safety  # noqa: F401  (registers)
+
+    for d in dimensions:
+        if d not in DIMENSIONS:
+            raise TaskSelectionError(f"unknown dimension {d!r}: choose from {', '.join(DIMENSIONS)}")
+    for s in subtasks:
+        if s not in TASKS:
+            raise TaskSelectionError(f"unknown subtask {s!r}: choose from {', '.join(sorted(TASKS))} (see `evalkit list`)")
+    if not dimensions and not subtasks:
+        raise TaskSelectionError("nothing to run: give --subtasks (e.g. advbench) and/or --dimensions (e.g. safety)")
+    chosen = [t for t in TASKS.values() if t.suite == "trustllm" and t.dimension in dimensions]
+    chosen += [TASKS[s] for s in subtasks if TASKS[s] not in chosen]
+    if not chosen:
+        raise TaskSelectionError(
+            f"no subtask implemented yet in dimension(s) {', '.join(dimensions)}; implemented: {', '.join(sorted(TASKS))}"
+        )
+    return chosen
+
+
+def all_tasks() -> dict[str, Task]:
+    from . import safety  # noqa: F401
+
+    return TASKS
+
+
+__all__ = ["Task", "Scored", "register", "select", "all_tasks", "DIMENSIONS", "DataError", "TaskSelectionError"]
