@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,7 @@ def _env_data() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="evalkit: %(message)s", stream=sys.stderr)
     if args.command == "mock-server":
         from .mock_server import serve
 

@@ -10,6 +10,7 @@ did in manifest.json.
 
 from __future__ import annotations
 
+import logging
 import platform
 import re
 import sys
@@ -37,6 +38,8 @@ from .records import (
     record_key,
 )
 from .tasks import Scored, Task
+
+log = logging.getLogger("evalkit")
 
 
 def model_slug(model: str) -> str:
@@ -149,12 +152,18 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
     writers: dict[str, JsonlWriter] = {}
     total = 0
     for task in ctx.tasks:
-        items = task.load(root)
-        if cfg.limit:
-            items = items[: cfg.limit]
+        all_items = task.load(root)
+        items = all_items[: cfg.limit] if cfg.limit else all_items
         params = generation_params(cfg, task)
         system = system_override if system_override is not None else task.system_prompt
-        done = load_for_resume(ctx.responses_path(task), ResponseRecord, cfg.restart)
+        current = {_gen_key(endpoint_id, ctx.model, params, system, task, it) for it in all_items}
+        path = ctx.responses_path(task)
+        done, n_stale = load_for_resume(path, ResponseRecord, cfg.restart, keep=current)
+        if n_stale:
+            log.warning(
+                "%d records in %s came from another endpoint, model or generation parameters: moved to %s",
+                n_stale, path, path.with_suffix(".stale.jsonl"),
+            )
         plans.append((task, items, params, system, done))
         total += sum(1 for it in items if _gen_key(endpoint_id, ctx.model, params, system, task, it) not in done)
 
@@ -251,7 +260,7 @@ async def judge(ctx: RunContext) -> dict[str, Any]:
     try:
         for task in ctx.tasks:
             responses = [r for r in read_records(ctx.responses_path(task), ResponseRecord) if r.error is None]
-            done = load_for_resume(ctx.judgments_path(task), JudgmentRecord, cfg.restart)
+            done, _ = load_for_resume(ctx.judgments_path(task), JudgmentRecord, cfg.restart)
             writer = writers[task.name] = JsonlWriter(ctx.judgments_path(task), cfg.engine.flush_every, cfg.engine.flush_interval)
             for name in judges_for(cfg, task):
                 if name == "llm":

@@ -105,23 +105,35 @@ def read_records(path: Path, schema: type[R]) -> list[R]:
     return [r for _, r in iter_records(path, schema) if r is not None]
 
 
-def load_for_resume(path: Path, schema: type[R], restart: bool) -> dict[str, R]:
-    """Finished records by key. Error records and a torn last line are dropped from the file
-    (rewritten atomically) so that their requests are sent again without duplicates."""
+def load_for_resume(path: Path, schema: type[R], restart: bool, keep: set[str] | None = None) -> tuple[dict[str, R], int]:
+    """Finished records by key, and how many were set aside as stale.
+
+    Error records and a torn last line are dropped from the file, so their requests are sent
+    again without leaving duplicates. Records whose key is not in `keep` (made with another
+    endpoint, model or generation parameters) are moved to <name>.stale.jsonl, not deleted, so
+    the file only ever holds one configuration's answers. The file is rewritten atomically.
+    """
     if restart and path.exists():
         path.unlink()
     if not path.exists():
-        return {}
+        return {}, 0
     done: dict[str, R] = {}
+    stale: list[R] = []
     dirty = False
     for _, rec in iter_records(path, schema):
         if rec is None or getattr(rec, "error", None) is not None:
             dirty = True
             continue
+        if keep is not None and rec.key not in keep:
+            stale.append(rec)
+            continue
         if rec.key in done:
             dirty = True
         done[rec.key] = rec
-    if dirty:
+    if stale:
+        with open(path.with_suffix(".stale.jsonl"), "ab") as f:
+            f.write(b"".join(orjson.dumps(r.model_dump(mode="json", exclude_none=True)) + b"\n" for r in stale))
+    if dirty or stale:
         tmp = path.with_suffix(path.suffix + ".tmp")
         with open(tmp, "wb") as f:
             for rec in done.values():
@@ -129,7 +141,7 @@ def load_for_resume(path: Path, schema: type[R], restart: bool) -> dict[str, R]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    return done
+    return done, len(stale)
 
 
 class JsonlWriter:
