@@ -40,6 +40,7 @@ from .records import (
 from .tasks import Scored, Task
 
 log = logging.getLogger("evalkit")
+LOCAL_JUDGE_CHUNK = 256
 
 
 def model_slug(model: str) -> str:
@@ -278,9 +279,12 @@ async def judge(ctx: RunContext) -> dict[str, Any]:
                 todo = [(r, k) for r, k in todo if k not in done]
                 if not todo:
                     continue
-                verdicts = j.judge([_user_prompt(r) for r, _ in todo], [r.response or "" for r, _ in todo], task.question)
-                for (r, k), v in zip(todo, verdicts):
-                    writer.write(_judgment(k, r, ident, v, attempts=1))
+                for start in range(0, len(todo), LOCAL_JUDGE_CHUNK):  # written chunk by chunk: a crash loses little
+                    chunk = todo[start : start + LOCAL_JUDGE_CHUNK]
+                    verdicts = j.judge([_user_prompt(r) for r, _ in chunk], [r.response or "" for r, _ in chunk], task.question)
+                    for (r, k), v in zip(chunk, verdicts):
+                        writer.write(_judgment(k, r, ident, v, attempts=1))
+                    writer.flush()
                 counts[ident] = counts.get(ident, 0) + len(todo)
         if llm_work:
             summary = await _run_llm_judge(cfg, llm_work, writers)
