@@ -102,7 +102,7 @@ class Result:
     latency_s: float | None = None
     ttft_s: float | None = None
     attempts: int = 0
-    endpoint: str | None = None
+    endpoint: str | None = None  # the replica that answered, redacted
     error_kind: str | None = None
     error_status: int | None = None
     error_message: str | None = None
@@ -117,6 +117,7 @@ class Result:
 class Replica:
     base_url: str
     url: str
+    public: str  # base_url as it may be written to records (credentials dropped)
     inflight: int = 0
 
 
@@ -181,12 +182,15 @@ class Engine:
         self.cfg = cfg
         self.api = api
         path = "/chat/completions" if api == "chat" else "/completions"
-        self.replicas = [Replica(u.rstrip("/"), u.rstrip("/") + path) for u in base_urls]
+        self.replicas = [Replica(u.rstrip("/"), u.rstrip("/") + path, redact_url(u.rstrip("/"))) for u in base_urls]
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._key_hint = key_hint or key_source(None)
         self._throttler = Throttler(rate_limit=cfg.rps, period=1.0) if cfg.rps else None
+        # total covers one attempt only: the connector has a slot for every worker, so no time
+        # spent queueing for a connection can count against it
+        self._attempt_timeout = aiohttp.ClientTimeout(total=cfg.attempt_timeout, sock_connect=cfg.connect_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._rr = 0
         self.model: str | None = None
@@ -314,22 +318,14 @@ class Engine:
         result = Result()
         stats = self.stats
         t0 = time.monotonic()
-
-        def before_sleep(state: RetryCallState) -> None:
-            stats.retries += 1
-
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(RetryableFailure),
-            stop=stop_after_attempt(self.cfg.max_attempts) | stop_before_delay(self.cfg.max_request_time),
-            wait=self._wait,
-            before_sleep=before_sleep,
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    result.attempts += 1
-                    await self._attempt(req, result)
+            try:
+                # The first attempt runs outside tenacity: building and iterating AsyncRetrying costs
+                # more than the request itself on a fast local server, and most requests succeed at once.
+                result.attempts = 1
+                await self._attempt(req, result)
+            except RetryableFailure as first:
+                await self._retry(req, result, first, t0)
         except RequestFailure as e:
             if e.kind == "auth":
                 raise FatalAuthError(self._auth_message(result.endpoint or self.replicas[0].base_url, e.status or 401)) from None
@@ -344,16 +340,43 @@ class Engine:
             stats.completion_tokens += result.completion_tokens
         return result
 
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
+    async def _retry(self, req: Request, result: Result, first: RetryableFailure, t0: float) -> None:
+        """Attempts 2..max_attempts through tenacity, after the backoff the first failure asks for."""
+        cfg = self.cfg
+        if cfg.max_attempts <= 1:
+            raise first
+        stats = self.stats
+        delay = self._backoff(first, 1)
+        if time.monotonic() - t0 + delay >= cfg.max_request_time:
+            raise first
+        stats.retries += 1
+        await asyncio.sleep(delay)
+
+        def before_sleep(state: RetryCallState) -> None:
+            stats.retries += 1
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(RetryableFailure),
+            stop=stop_after_attempt(cfg.max_attempts - 1) | stop_before_delay(max(0.0, cfg.max_request_time - (time.monotonic() - t0))),
+            wait=lambda state: self._backoff(state.outcome.exception() if state.outcome else None, state.attempt_number + 1),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                result.attempts += 1
+                await self._attempt(req, result)
+
+    def _backoff(self, exc: BaseException | None, attempt_number: int) -> float:
+        """Retry-After when the server sent one (capped), else full-jitter exponential backoff."""
         if isinstance(exc, RequestFailure) and exc.retry_after is not None:
             return min(exc.retry_after, self.cfg.backoff_max)
-        ceiling = min(self.cfg.backoff_max, self.cfg.backoff_base * 2 ** (state.attempt_number - 1))
-        return random.uniform(0, ceiling)  # full jitter
+        ceiling = min(self.cfg.backoff_max, self.cfg.backoff_base * 2 ** (attempt_number - 1))
+        return random.uniform(0, ceiling)
 
     async def _attempt(self, req: Request, result: Result) -> None:
         replica = self._pick_replica()
-        result.endpoint = replica.base_url
+        result.endpoint = replica.public
         body = dict(req.body)
         body["model"] = self.model
         if self.cfg.stream:
@@ -366,8 +389,7 @@ class Engine:
         self.stats.inflight += 1
         try:
             t0 = time.monotonic()
-            timeout = aiohttp.ClientTimeout(total=self.cfg.attempt_timeout, sock_connect=self.cfg.connect_timeout)
-            async with self._session.post(replica.url, json=body, timeout=timeout) as resp:  # type: ignore[union-attr]
+            async with self._session.post(replica.url, json=body, timeout=self._attempt_timeout) as resp:  # type: ignore[union-attr]
                 if resp.status != 200:
                     await self._raise_for(resp)
                 if self.cfg.stream:

@@ -16,7 +16,6 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,16 +26,7 @@ from .data import Item, resolve_data_root, sha256_file
 from .engine import Engine, FatalAuthError, Request, RequestFailure, Result
 from .judges import JUDGES, JudgeError, Verdict, check_judge_names
 from .metrics import Metric
-from .records import (
-    ErrorInfo,
-    JsonlWriter,
-    JudgmentRecord,
-    ResponseRecord,
-    Usage,
-    load_for_resume,
-    read_records,
-    record_key,
-)
+from .records import JsonlWriter, JudgmentRecord, ResponseRecord, load_for_resume, read_records, record_key
 from .tasks import Scored, Task
 
 log = logging.getLogger("evalkit")
@@ -66,6 +56,8 @@ class RunContext:
 
 
 def _versions() -> dict[str, str]:
+    from importlib import metadata  # not at import time: it slows the start of every command
+
     out = {"python": platform.python_version()}
     for pkg in ("evalkit", "aiohttp", "tenacity", "asyncio-throttle", "pydantic", "orjson", "torch", "transformers"):
         try:
@@ -149,31 +141,28 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
     endpoint_id = sorted(redact_url(u) for u in cfg.endpoint)
     system_override = cfg.system_prompt
 
-    plans: list[tuple[Task, list[Item], dict[str, Any], str | None, dict[str, ResponseRecord]]] = []
+    plans: list[tuple[Task, list[tuple[str, Item]], dict[str, Any], str | None, dict[str, ResponseRecord]]] = []
     writers: dict[str, JsonlWriter] = {}
     total = 0
     for task in ctx.tasks:
         all_items = task.load(root)
-        items = all_items[: cfg.limit] if cfg.limit else all_items
         params = generation_params(cfg, task)
         system = system_override if system_override is not None else task.system_prompt
-        current = {_gen_key(endpoint_id, ctx.model, params, system, task, it) for it in all_items}
+        keyed = [(_gen_key(endpoint_id, ctx.model, params, system, task, it), it) for it in all_items]
         path = ctx.responses_path(task)
-        done, n_stale = load_for_resume(path, ResponseRecord, cfg.restart, keep=current)
+        done, n_stale = load_for_resume(path, ResponseRecord, cfg.restart, keep={k for k, _ in keyed})
         if n_stale:
             log.warning(
                 "%d records in %s came from another endpoint, model or generation parameters: moved to %s",
                 n_stale, path, path.with_suffix(".stale.jsonl"),
             )
-        plans.append((task, items, params, system, done))
-        total += sum(1 for it in items if _gen_key(endpoint_id, ctx.model, params, system, task, it) not in done)
+        todo = [(k, it) for k, it in (keyed[: cfg.limit] if cfg.limit else keyed) if k not in done]
+        plans.append((task, todo, params, system, done))
+        total += len(todo)
 
     def requests() -> Iterator[Request]:
-        for task, items, params, system, done in plans:
-            for it in items:
-                key = _gen_key(endpoint_id, ctx.model, params, system, task, it)
-                if key in done:
-                    continue
+        for task, todo, params, system, _ in plans:
+            for key, it in todo:
                 msgs = task.messages(it, system)
                 if cfg.api == "chat":
                     body = {"messages": msgs, **params}
@@ -182,26 +171,30 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
                 yield Request(key, body, (task, it, params, msgs))
 
     def on_result(req: Request, res: Result) -> None:
+        # A plain dict in ResponseRecord's shape (every reader validates it with that schema):
+        # building a pydantic object per answer would cost more than the request on a fast server.
         task, it, params, msgs = req.meta
-        rec = ResponseRecord(
-            key=req.key,
-            subtask=task.name,
-            item_id=it.id,
-            model=ctx.model,
-            messages=msgs if cfg.api == "chat" else None,
-            prompt=req.body.get("prompt"),
-            params=params,
-            response=res.text if res.ok else None,
-            finish_reason=res.finish_reason,
-            usage=Usage(prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens) if res.ok else None,
-            latency_s=round(res.latency_s or 0.0, 6),
-            ttft_s=None if res.ttft_s is None else round(res.ttft_s, 6),
-            attempts=res.attempts,
-            endpoint=redact_url(res.endpoint) if res.endpoint else None,
-            error=None if res.ok else ErrorInfo(kind=res.error_kind or "transient", status=res.error_status, message=res.error_message or ""),
-            created=time.time(),
-            **it.data,
-        )
+        rec: dict[str, Any] = {"key": req.key, "subtask": task.name, "item_id": it.id, "model": ctx.model}
+        if cfg.api == "chat":
+            rec["messages"] = msgs
+        else:
+            rec["prompt"] = req.body["prompt"]
+        rec["params"] = params
+        if res.ok:
+            rec["response"] = res.text
+            if res.finish_reason is not None:
+                rec["finish_reason"] = res.finish_reason
+            rec["usage"] = {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens}
+        else:
+            rec["error"] = {"kind": res.error_kind, "status": res.error_status, "message": res.error_message or ""}
+        rec["latency_s"] = round(res.latency_s or 0.0, 6)
+        if res.ttft_s is not None:
+            rec["ttft_s"] = round(res.ttft_s, 6)
+        rec["attempts"] = res.attempts
+        if res.endpoint:
+            rec["endpoint"] = res.endpoint
+        rec["created"] = time.time()
+        rec.update(it.data)
         writers[task.name].write(rec)
 
     started = time.time()
@@ -303,22 +296,17 @@ async def judge(ctx: RunContext) -> dict[str, Any]:
     return counts
 
 
-def _judgment(key: str, r: ResponseRecord, ident: str, v: Verdict, attempts: int, error: ErrorInfo | None = None) -> JudgmentRecord:
+def _judgment(key: str, r: ResponseRecord, ident: str, v: Verdict, attempts: int, error: dict | None = None) -> dict[str, Any]:
+    """A dict in JudgmentRecord's shape; a missing verdict always carries an error."""
     if error is None and v.label is None:
-        error = ErrorInfo(kind="judge_unparseable", message=v.error or "no verdict")
-    return JudgmentRecord(
-        key=key,
-        response_key=r.key,
-        subtask=r.subtask,
-        item_id=r.item_id,
-        judge=ident,
-        label=v.label,
-        raw=v.raw,
-        score=v.score,
-        attempts=attempts,
-        error=error,
-        created=time.time(),
-    )
+        error = {"kind": "judge_unparseable", "message": v.error or "no verdict"}
+    rec: dict[str, Any] = {"key": key, "response_key": r.key, "subtask": r.subtask, "item_id": r.item_id, "judge": ident}
+    for name, value in (("label", v.label), ("raw", v.raw), ("score", v.score), ("error", error)):
+        if value is not None:
+            rec[name] = value
+    rec["attempts"] = attempts
+    rec["created"] = time.time()
+    return rec
 
 
 def make_judge(cfg: RunConfig, name: str):
@@ -355,7 +343,7 @@ async def _run_llm_judge(cfg: RunConfig, work: list, writers: dict[str, JsonlWri
         if res.ok:
             rec = _judgment(req.key, r, ident, j.parse(res.text or "", task.question), res.attempts)
         else:
-            err = ErrorInfo(kind=res.error_kind or "transient", status=res.error_status, message=res.error_message or "")
+            err = {"kind": res.error_kind, "status": res.error_status, "message": res.error_message or ""}
             rec = _judgment(req.key, r, ident, Verdict(None), res.attempts, err)
         writers[task.name].write(rec)
 

@@ -88,8 +88,8 @@ def iter_records(path: Path, schema: type[R]) -> Iterator[tuple[int, R | None]]:
         if not line.strip():
             continue
         try:
-            yield i + 1, schema.model_validate(orjson.loads(line))
-        except (orjson.JSONDecodeError, ValidationError) as e:
+            yield i + 1, schema.model_validate_json(line)
+        except ValidationError as e:
             if i == last:  # no newline after it: the writer was killed mid-line
                 yield i + 1, None
                 continue
