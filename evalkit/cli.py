@@ -110,7 +110,15 @@ async def _evaluate(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     ctx = RunContext(cfg, tasks, model, run_dir, load_manifest(run_dir))
     print(f"evalkit: model {model}, run folder {run_dir}, subtasks {', '.join(t.name for t in tasks)}", file=sys.stderr)
     if "generate" in stages:
-        await generate(ctx)
+        g = await generate(ctx)
+        if g.get("requests"):
+            lat = g.get("e2e_latency_s") or {}
+            print(
+                f"evalkit: generated {g['requests']} answers in {g['wall_s']:.1f} s ({g['requests_per_s']:.0f} req/s), "
+                f"{g['errors']} errors, {g['retries']} retries ({g['rate_limited']} rate-limited), "
+                f"{g['usage']['completion_tokens']} output tokens, latency p50 {lat.get('p50', 0):.3f} s p99 {lat.get('p99', 0):.3f} s",
+                file=sys.stderr,
+            )
     if "judge" in stages:
         await judge(ctx)
         results = score(ctx)
@@ -162,7 +170,7 @@ def _list(args: argparse.Namespace) -> int:
     rows = [("name", "dimension", "suite", "metric", "default judge", "T", "data")]
     for t in all_tasks().values():
         arrow = "↑" if t.direction == "higher_is_better" else "↓"
-        rows.append((t.name, t.dimension, t.suite, f"{t.metric} {arrow}", ",".join(t.default_judges), _fmt(t.temperature), f"{t.dataset}/{t.file}"))
+        rows.append((t.name, t.dimension, t.suite, f"{t.metric} {arrow}", ",".join(t.default_judges), "server" if t.temperature is None else f"{t.temperature:g}", f"{t.dataset}/{t.file}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
