@@ -1,0 +1,1 @@
+"""The heavy side: everything that loads or changes model weights (torch, transformers)."""

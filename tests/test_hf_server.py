@@ -1,0 +1,238 @@
+"""Our HF-transformers server with tiny random models, driven by the official openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port, read_jsonl, run_cli, wait_http
+
+torch = pytest.importorskip("torch")
+openai = pytest.importorskip("openai")
+
+from tiny_models import CHAT_TEMPLATE, tiny_encoder, tiny_llama  # noqa: E402
+
+
+class HFServer:
+    def __init__(self, model: Path, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.name = str(model)
+        cmd = [sys.executable, "-m", "servers.hf_server", str(model), "--port", str(self.port), "--device", "cpu", *args]
+        import os
+
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        wait_http(f"http://127.0.0.1:{self.port}/health", timeout=180, proc=self.proc)
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=10) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"llama": tiny_llama(root / "llama"), "plain": tiny_llama(root / "plain", chat_template=False), "encoder": tiny_encoder(root / "enc")}
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    s = HFServer(models["llama"], "--served-model-name", "tiny-llama", "--max-batch-size", "64")
+    yield s
+    s.stop()
+
+
+def client(server: HFServer, key: str = "unused"):
+    return openai.OpenAI(base_url=server.url, api_key=key, max_retries=0, timeout=120)
+
+
+def test_sdk_models_chat_stream_completions_logprobs(server):
+    c = client(server)
+    assert [m.id for m in c.models.list()] == ["tiny-llama"]
+    msgs = [{"role": "user", "content": "hello world"}]
+    a = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=12, temperature=0)
+    b = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=12, temperature=0)
+    text = a.choices[0].message.content
+    assert isinstance(text, str) and text == b.choices[0].message.content  # greedy is deterministic
+    assert a.choices[0].finish_reason in ("stop", "length") and a.object == "chat.completion"
+    assert 0 < a.usage.completion_tokens <= 12 and a.usage.prompt_tokens > 0
+    assert a.usage.total_tokens == a.usage.prompt_tokens + a.usage.completion_tokens
+
+    chunks = list(c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed == text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == a.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == a.usage.completion_tokens
+
+    if len(text) > 4:  # a stop string cuts the answer where it first occurs
+        stop = text[2:4]
+        s = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=12, temperature=0, stop=[stop])
+        assert s.choices[0].message.content == text[: text.find(stop)] and s.choices[0].finish_reason == "stop"
+
+    lp = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    content = lp.choices[0].logprobs.content
+    assert len(content) == lp.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.logprob <= 0 and t.logprob >= t.top_logprobs[-1].logprob - 1e-5 for t in content)
+
+    comp = c.completions.create(model="tiny-llama", prompt="the quick brown fox", max_tokens=6, temperature=0, logprobs=1)
+    assert comp.object == "text_completion" and isinstance(comp.choices[0].text, str)
+    assert len(comp.choices[0].logprobs.tokens) == comp.usage.completion_tokens
+
+    s1 = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=12, temperature=1.0, seed=7)
+    s2 = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=12, temperature=1.0, seed=7)
+    assert s1.choices[0].message.content == s2.choices[0].message.content
+
+
+def test_bad_request_matrix_and_the_server_survives(server):
+    c = client(server)
+    msgs = [{"role": "user", "content": "hi"}]
+    cases = [
+        (dict(model="nope", messages=msgs), openai.NotFoundError, "does not exist"),
+        (dict(model="tiny-llama", messages=[]), openai.BadRequestError, "messages"),
+        (dict(model="tiny-llama", messages=msgs, n=2), openai.BadRequestError, "n=1"),
+        (dict(model="tiny-llama", messages=msgs, temperature=-1), openai.BadRequestError, "temperature"),
+        (dict(model="tiny-llama", messages=msgs, max_tokens=0), openai.BadRequestError, "max_tokens"),
+        (dict(model="tiny-llama", messages=msgs, top_p=2), openai.BadRequestError, "top_p"),
+        (dict(model="tiny-llama", messages=msgs, stop=["a", "b", "c", "d", "e"]), openai.BadRequestError, "stop"),
+        (dict(model="tiny-llama", messages=[{"role": "user", "content": "hello " * 600}]), openai.BadRequestError, "maximum context length"),
+        (dict(model="tiny-llama", messages=[{"role": "wizard", "content": "x"}]), openai.BadRequestError, "role"),
+    ]
+    for kwargs, exc, words in cases:
+        with pytest.raises(exc) as e:
+            c.chat.completions.create(**kwargs)
+        assert words in str(e.value), (kwargs, str(e.value))
+    with pytest.raises(openai.BadRequestError, match="embedding"):
+        c.embeddings.create(model="tiny-llama", input="x")
+    for raw in (b"{not json", b"[1, 2]", b'{"messages": []}'):
+        req = urllib.request.Request(server.url + "/chat/completions", data=raw, headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 400 and "error" in json.loads(e.value.read())
+    assert server.health()["status"] == "ok"
+    assert c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=3).choices[0].message.content is not None
+
+
+def test_64_concurrent_requests_are_answered_in_batches(server):
+    before = server.health()
+
+    async def go():
+        ac = openai.AsyncOpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=300)
+        outs = await asyncio.gather(*(
+            ac.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": f"question {i}"}],
+                                       max_tokens=8, temperature=0)
+            for i in range(64)
+        ))
+        await ac.close()
+        return outs
+
+    outs = asyncio.run(go())
+    assert len(outs) == 64 and all(o.choices[0].message.content is not None for o in outs)
+    after = server.health()
+    rows, batches = after["rows"] - before["rows"], after["batches"] - before["batches"]
+    assert rows == 64 and batches < 16, f"64 requests took {batches} generate calls: not batched"
+
+
+def test_evalkit_runs_an_advbench_slice_against_the_server(server, data_root, tmp_path):
+    p = run_cli("run", "--subtasks", "advbench", "--limit", "12", "--endpoint", server.url, "--data-path", str(data_root),
+                "--output", str(tmp_path), "--max-tokens", "8", "--concurrency", "12")
+    assert p.returncode == 0, p.stderr
+    recs = read_jsonl(tmp_path / "tiny-llama" / "responses" / "advbench.jsonl")
+    assert len(recs) == 12 and all(r.get("error") is None and r["usage"]["completion_tokens"] <= 8 for r in recs)
+    res = json.loads((tmp_path / "tiny-llama" / "results.json").read_text())
+    assert res["subtasks"]["advbench"]["metrics"][0]["n"] == 12
+
+
+def test_chat_template_file_and_api_key(models, tmp_path):
+    bare = HFServer(models["plain"], "--served-model-name", "plain")
+    try:
+        with pytest.raises(openai.BadRequestError, match="--chat-template"):
+            client(bare).chat.completions.create(model="plain", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert client(bare).completions.create(model="plain", prompt="hello", max_tokens=2).choices[0].text is not None
+    finally:
+        bare.stop()
+    tpl = tmp_path / "chat.jinja"
+    tpl.write_text(CHAT_TEMPLATE)
+    s = HFServer(models["plain"], "--served-model-name", "plain", "--chat-template", str(tpl), "--api-key-env", "TINY_KEY",
+                 env={"TINY_KEY": "k-123"})
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            client(s, "wrong").chat.completions.create(model="plain", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        r = client(s, "k-123").chat.completions.create(model="plain", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert r.choices[0].message.content is not None
+    finally:
+        s.stop()
+
+
+def test_embeddings_server(models):
+    s = HFServer(models["encoder"], "--task", "embed", "--served-model-name", "tiny-embed")
+    try:
+        c = client(s)
+        r = c.embeddings.create(model="tiny-embed", input=["hello world", "the quick brown fox", "hello world"])
+        vecs = [d.embedding for d in r.data]
+        assert len(vecs) == 3 and len(vecs[0]) == 32
+        assert all(abs(sum(x * x for x in v) - 1.0) < 1e-4 for v in vecs)  # normalised
+        assert vecs[0] == pytest.approx(vecs[2], abs=1e-5) and vecs[0] != pytest.approx(vecs[1], abs=1e-3)
+        assert r.usage.prompt_tokens > 0
+        raw = c.embeddings.create(model="tiny-embed", input="hello world", encoding_format="float")
+        assert raw.data[0].embedding == pytest.approx(vecs[0], abs=1e-6)  # base64 (the SDK's default) and float agree
+        with pytest.raises(openai.BadRequestError, match="embeddings only"):
+            c.chat.completions.create(model="tiny-embed", messages=[{"role": "user", "content": "x"}])
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("quant,layer", [("bnb4", "Linear4bit"), ("bnb8", "Linear8bitLt"), ("hqq", "HQQLinear")])
+def test_quantized_loading_answers_on_cpu(models, quant, layer):
+    pytest.importorskip("bitsandbytes" if quant.startswith("bnb") else "hqq")
+    from servers.loading import ModelSpec, load
+
+    seen = []
+    loaded = load(ModelSpec(str(models["llama"]), device="cpu", quant=quant, hooks=[lambda m, t: seen.append(type(m).__name__)]))
+    assert type(loaded.model.model.layers[0].mlp.up_proj).__name__ == layer
+    assert seen == ["LlamaForCausalLM"]  # the intervention hook point ran on the loaded model
+    ids = loaded.tokenizer("hello world", return_tensors="pt")
+    out = loaded.model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_hqq_through_the_server(models):
+    pytest.importorskip("hqq")
+    s = HFServer(models["llama"], "--quant", "hqq", "--hqq-bits", "4", "--hqq-group-size", "32", "--served-model-name", "tiny-hqq")
+    try:
+        r = client(s).chat.completions.create(model="tiny-hqq", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert r.usage.completion_tokens >= 1
+    finally:
+        s.stop()
+
+
+def test_gptq_checkpoint_on_cpu_is_a_clear_error(models, tmp_path):
+    from servers.loading import LoadError, ModelSpec, load
+
+    ck = tmp_path / "gptq"
+    shutil.copytree(models["llama"], ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match="GPTQ.*CUDA GPU"):
+        load(ModelSpec(str(ck), device="cpu"))
+    with pytest.raises(LoadError, match="--device cpu"):
+        if not torch.cuda.is_available():
+            load(ModelSpec(str(models["llama"]), device="cuda"))
+        else:
+            raise LoadError("--device cpu (skipped: a GPU is present)")
