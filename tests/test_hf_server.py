@@ -17,7 +17,7 @@ from conftest import REPO, free_port, read_jsonl, run_cli, wait_http
 torch = pytest.importorskip("torch")
 openai = pytest.importorskip("openai")
 
-from tiny_models import CHAT_TEMPLATE, tiny_encoder, tiny_llama  # noqa: E402
+from servers.tiny import CHAT_TEMPLATE, tiny_encoder, tiny_llama  # noqa: E402
 
 
 class HFServer:

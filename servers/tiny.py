@@ -1,5 +1,9 @@
-"""Tiny random models built at test time (no hub): a 2-layer Llama with a small trained BPE
-tokenizer and a chat template, and a tiny BERT encoder for embeddings."""
+"""Tiny random models built locally (no hub): a 2-layer Llama with a small trained BPE tokenizer
+and a chat template, and a tiny BERT encoder for embeddings. For smoke tests of the serving
+stack and for the test suite; their answers are noise.
+
+    python -m servers.tiny llama DIR      # or: encoder DIR
+"""
 
 from __future__ import annotations
 
@@ -64,3 +68,18 @@ def tiny_encoder(path: Path) -> Path:
     BertModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m servers.tiny", description="build a tiny random model for smoke tests")
+    p.add_argument("kind", choices=["llama", "encoder"])
+    p.add_argument("path", type=Path)
+    a = p.parse_args()
+    (tiny_llama if a.kind == "llama" else tiny_encoder)(a.path)
+    print(a.path)
+
+
+if __name__ == "__main__":
+    main()

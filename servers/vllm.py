@@ -1,0 +1,46 @@
+"""Building the `vllm serve` command for a model (vLLM lives in the optional `vllm` extra).
+
+Quantization maps to vLLM's flags: awq, gptq (pre-quantized checkpoints) and bitsandbytes
+(in-flight 4-bit); the GPU count becomes --tensor-parallel-size. Anything vLLM offers beyond
+these goes through `extra` unchanged. An API key reaches vLLM as $VLLM_API_KEY, never on the
+command line (where `ps` would show it). The process itself is started and stopped by
+servers/process.py like every other backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+VLLM_QUANTS = {"none": None, "awq": "awq", "gptq": "gptq", "bnb4": "bitsandbytes"}
+
+
+@dataclass
+class VLLMSpec:
+    model: str
+    port: int
+    host: str = "127.0.0.1"
+    served_model_name: str | None = None
+    quant: str = "none"
+    num_gpus: int = 1
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    embed: bool = False
+    executable: str = "vllm"
+    extra: list[str] = field(default_factory=list)
+
+
+def build_command(spec: VLLMSpec) -> list[str]:
+    if spec.quant not in VLLM_QUANTS:
+        raise ValueError(f"vLLM backend: unknown --quant {spec.quant!r}: choose from {', '.join(VLLM_QUANTS)} "
+                         f"(hqq and bnb8 need --backend hf)")
+    cmd = [spec.executable, "serve", spec.model, "--host", spec.host, "--port", str(spec.port),
+           "--served-model-name", spec.served_model_name or spec.model, "--tensor-parallel-size", str(spec.num_gpus)]
+    if VLLM_QUANTS[spec.quant]:
+        cmd += ["--quantization", VLLM_QUANTS[spec.quant]]
+    if spec.max_model_len:
+        cmd += ["--max-model-len", str(spec.max_model_len)]
+    if spec.gpu_memory_utilization:
+        cmd += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
+    if spec.embed:
+        cmd += ["--runner", "pooling"]
+    return cmd + list(spec.extra)

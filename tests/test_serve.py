@@ -1,0 +1,117 @@
+"""serve.sh (start / status / stop) with the HF backend and a stand-in `vllm` executable."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, free_port, run_cli
+
+pytest.importorskip("torch")
+from servers.tiny import tiny_llama  # noqa: E402
+from servers.vllm import VLLMSpec, build_command  # noqa: E402
+
+
+def serve(*args: str, env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "serve.sh"), *args], capture_output=True, text=True, env={**os.environ, **env},
+                          timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture
+def state(tmp_path):
+    env = {"EVALKIT_SERVE_DIR": str(tmp_path / "state")}
+    yield env
+    serve("stop", "all", env=env)
+
+
+def test_serve_sh_hf_start_status_evaluate_stop(state, tmp_path, data_root):
+    model = tiny_llama(tmp_path / "tiny")
+    p = serve("start", "--device", "cpu", "--served-model-name", "tiny", str(model), env=state)
+    assert p.returncode == 0, p.stderr
+    url = p.stdout.strip()
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/v1") and "ready" in p.stderr
+    st = serve("status", env=state)
+    assert "model" in st.stdout and "ready" in st.stdout and url in st.stdout
+
+    again = serve("start", "--device", "cpu", str(model), env=state)
+    assert again.returncode == 2 and "already running" in again.stderr and "serve.sh stop model" in again.stderr
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    busy = serve("start", "--name", "other", "--port", str(port), str(model), env=state)
+    assert busy.returncode == 2 and f"port {port}" in busy.stderr and "evalkit server 'model'" in busy.stderr
+
+    r = run_cli("run", "--subtasks", "advbench", "--limit", "4", "--endpoint", url, "--data-path", str(data_root),
+                "--output", str(tmp_path / "runs"), "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "runs" / "tiny" / "results.json").exists()
+
+    pid = json.loads((tmp_path / "state" / "model.json").read_text())["pid"]
+    s = serve("stop", "model", env=state)
+    assert s.returncode == 0 and "stopped model" in s.stdout
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert "no servers" in serve("status", env=state).stdout
+    assert serve("stop", "model", env=state).returncode == 2
+
+
+def test_serve_sh_reports_a_failed_start(state, tmp_path):
+    p = serve("start", "--device", "cpu", "--timeout", "120", str(tmp_path / "missing-model"), env=state)
+    assert p.returncode == 1 and "exited before it was ready" in p.stderr and "cannot" in p.stderr
+    assert "no servers" in serve("status", env=state).stdout
+
+
+def test_vllm_command_building():
+    cmd = build_command(VLLMSpec(model="meta-llama/Llama-3.1-70B-Instruct-AWQ", port=8001, quant="awq", num_gpus=2,
+                                 max_model_len=8192, gpu_memory_utilization=0.9, extra=["--enforce-eager"]))
+    assert cmd == ["vllm", "serve", "meta-llama/Llama-3.1-70B-Instruct-AWQ", "--host", "127.0.0.1", "--port", "8001",
+                   "--served-model-name", "meta-llama/Llama-3.1-70B-Instruct-AWQ", "--tensor-parallel-size", "2",
+                   "--quantization", "awq", "--max-model-len", "8192", "--gpu-memory-utilization", "0.9", "--enforce-eager"]
+    assert build_command(VLLMSpec(model="m", port=1, quant="bnb4"))[-2:] == ["--quantization", "bitsandbytes"]
+    assert build_command(VLLMSpec(model="m", port=1, embed=True))[-2:] == ["--runner", "pooling"]
+    with pytest.raises(ValueError, match="hqq"):
+        build_command(VLLMSpec(model="m", port=1, quant="hqq"))
+
+
+STAND_IN = """#!/usr/bin/env bash
+# a stand-in for `vllm serve`: records its arguments and environment, then runs the mock server
+# as a child process (like vLLM's workers), so stopping must take the whole process group
+echo "$@" > "$VLLM_ARGS_FILE"
+echo "${VLLM_API_KEY:-}" > "$VLLM_ARGS_FILE.key"
+port=""; name=""
+while [ $# -gt 0 ]; do case "$1" in --port) port=$2; shift;; --served-model-name) name=$2; shift;; esac; shift; done
+"%s" -m evalkit.mock_server --port "$port" --model "$name" --api-key "${VLLM_API_KEY}" &
+echo $! > "$VLLM_ARGS_FILE.child"
+wait
+"""
+
+
+def test_serve_sh_vllm_backend_with_a_stand_in(state, tmp_path):
+    exe = tmp_path / "vllm"
+    exe.write_text(STAND_IN % sys.executable)
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    args_file = tmp_path / "args"
+    env = {**state, "VLLM_ARGS_FILE": str(args_file), "JUDGE_KEY": "jk-1", "EVALKIT_API_KEY": "jk-1"}
+    port = free_port()
+    p = serve("start", "--role", "judge", "--backend", "vllm", "--quant", "awq", "--gpus", "2", "--port", str(port),
+              "--vllm-executable", str(exe), "--api-key-env", "JUDGE_KEY", "--served-model-name", "judge",
+              "some/Judge-AWQ", "--", "--enforce-eager", env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"http://127.0.0.1:{port}/v1"
+    argv = args_file.read_text().split()
+    assert argv[:2] == ["serve", "some/Judge-AWQ"] and "--enforce-eager" in argv
+    assert argv[argv.index("--quantization") + 1] == "awq" and argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    assert (tmp_path / "args.key").read_text().strip() == "jk-1" and "jk-1" not in " ".join(argv)
+    assert "judge" in serve("status", env=env).stdout
+    child = int((tmp_path / "args.child").read_text())
+    assert serve("stop", "judge", env=env).returncode == 0
+    time.sleep(0.3)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # the backend's own children went down with it
+    bad = serve("start", "--backend", "vllm", "--quant", "hqq", "m", env=env)
+    assert bad.returncode == 2 and "--backend hf" in bad.stderr
