@@ -78,6 +78,10 @@ class Metric(BaseModel):
     n_invalid: int
     details: dict | None = None
 
+    def as_result(self) -> dict:
+        """results.json form: `value` always present (null when nothing was valid); optional fields only when set."""
+        return self.model_dump(exclude={k for k in ("trustllm_value", "details") if getattr(self, k) is None})
+
     @classmethod
     def from_rate(cls, name: str, r: Rate, direction: str, judge: str, **kw: object) -> "Metric":
         return cls(name=name, value=r.value, direction=direction, judge=judge, n=r.n, n_invalid=r.n_invalid, **kw)

@@ -387,7 +387,7 @@ def score(ctx: RunContext) -> dict[str, Any]:
             "direction": task.direction,
             "n_responses": len(responses),
             "n_failed_requests": sum(1 for r in responses if r.error is not None),
-            "metrics": [m.model_dump(exclude_none=True) for m in metrics],
+            "metrics": [m.as_result() for m in metrics],
         }
     path = ctx.run_dir / "results.json"
     previous = orjson.loads(path.read_bytes()) if path.exists() else {}

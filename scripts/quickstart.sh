@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# The main job, runnable on a fresh machine after scripts/setup.sh: evaluate a model behind an
-# OpenAI-compatible endpoint on AdvBench (Q-resafe ASR) and TrustLLM's jailbreak subtask.
+# The main job, runnable on a fresh machine after scripts/setup.sh: serve a model locally with
+# serve.sh, evaluate it on AdvBench (Q-resafe ASR) and TrustLLM's jailbreak subtask, stop it.
 #
-# With no ENDPOINT given, a local mock server stands in for the model (scripted answers: it
-# refuses prompts that mention a bomb), so the whole pipeline runs without a GPU or a network.
-# For real numbers: ENDPOINT=http://host:port/v1 [MODEL=id] bash scripts/quickstart.sh
+# With no ENDPOINT given, the model is a tiny random Llama built on the spot (servers/tiny.py),
+# served on the CPU by our HF server: the whole stack runs without a GPU, a hub or a network
+# (its answers are noise, so its numbers mean nothing). For real numbers, serve a real model
+# (./serve.sh start MODEL) or use any endpoint: ENDPOINT=http://host:port/v1 [MODEL=id] bash scripts/quickstart.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EVALKIT=.venv/bin/evalkit
 DATA=${EVALKIT_DATA:-../shared/datasets}
+EXTRA=()
 if [ -z "${ENDPOINT:-}" ]; then
-  PORT=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  $EVALKIT mock-server --port "$PORT" --script scripts/mock_replies.json >/dev/null 2>&1 &
-  MOCK=$!
-  trap 'kill $MOCK 2>/dev/null || true' EXIT
-  ENDPOINT=http://127.0.0.1:$PORT/v1
+  TINY=runs/tiny-llama-model
+  [ -d "$TINY" ] || .venv/bin/python -m servers.tiny llama "$TINY" >/dev/null 2>&1
+  export EVALKIT_SERVE_DIR=${EVALKIT_SERVE_DIR:-runs/serve}
+  ENDPOINT=$(./serve.sh start --name quickstart --device cpu --served-model-name tiny-llama "$TINY")
+  trap './serve.sh stop quickstart >/dev/null' EXIT
+  EXTRA=(--max-tokens 32)
 fi
-$EVALKIT run --subtasks advbench,jailbreak --judges keyword --endpoint "$ENDPOINT" ${MODEL:+--model "$MODEL"} \
-  --data-path "$DATA" --output runs --wait 30
+.venv/bin/evalkit run --subtasks advbench,jailbreak --judges keyword --endpoint "$ENDPOINT" ${MODEL:+--model "$MODEL"} \
+  --data-path "$DATA" --output runs --wait 30 "${EXTRA[@]}"

@@ -36,7 +36,7 @@ def bpe_tokenizer(vocab_size: int = 400):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
-def tiny_llama(path: Path, chat_template: bool = True, seed: int = 0, max_positions: int = 512) -> Path:
+def tiny_llama(path: Path, chat_template: bool = True, seed: int = 0, max_positions: int = 2048) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -58,7 +58,7 @@ class MockServer:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(5)
+                self.proc.wait(2)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
 

@@ -47,7 +47,7 @@ class HFServer:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {"llama": tiny_llama(root / "llama"), "plain": tiny_llama(root / "plain", chat_template=False), "encoder": tiny_encoder(root / "enc")}
+    return {"llama": tiny_llama(root / "llama", max_positions=512), "plain": tiny_llama(root / "plain", chat_template=False), "encoder": tiny_encoder(root / "enc")}
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +236,27 @@ def test_gptq_checkpoint_on_cpu_is_a_clear_error(models, tmp_path):
             load(ModelSpec(str(models["llama"]), device="cuda"))
         else:
             raise LoadError("--device cpu (skipped: a GPU is present)")
+
+
+def test_evalkit_against_transformers_serve_as_a_peer(models, data_root, tmp_path):
+    """The engine talks to another OpenAI-compatible server unchanged: `transformers serve`."""
+    cli = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
+    if not Path(cli).exists():
+        pytest.skip("transformers CLI not installed")
+    pytest.importorskip("fastapi")
+    port = free_port()
+    proc = subprocess.Popen([cli, "serve", str(models["llama"]), "--port", str(port), "--host", "127.0.0.1", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=180, proc=proc)
+        p = run_cli("generate", "--subtasks", "advbench", "--limit", "6", "--endpoint", f"http://127.0.0.1:{port}/v1",
+                    "--model", str(models["llama"]), "--data-path", str(data_root), "--output", str(tmp_path), "--max-tokens", "4")
+        assert p.returncode == 0, p.stderr
+        recs = read_jsonl(next(tmp_path.glob("*/responses/advbench.jsonl")))
+        assert len(recs) == 6 and all(r.get("error") is None and r["usage"]["completion_tokens"] <= 4 for r in recs)
+    finally:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)

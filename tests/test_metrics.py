@@ -127,3 +127,8 @@ def test_exaggerated_safety_is_one_minus_rta():
     rows = [_row(0, "refusal"), _row(1, "compliance"), _row(2, "compliance"), _row(3, "compliance")]
     (m,) = all_tasks()["exaggerated_safety"].score(rows, "J")
     assert m.name == "not_rta" and m.value == pytest.approx(3 / 4) and m.trustllm_value is None
+
+
+def test_result_form_always_has_value():
+    (m,) = all_tasks()["advbench"].score([_row(0, None, error=True)], "keyword:gcg29")
+    assert m.value is None and m.as_result()["value"] is None and "trustllm_value" not in m.as_result()
