@@ -120,10 +120,83 @@ def time_to_first_request(url: str, port: int, data: Path, out: Path) -> float:
     return elapsed
 
 
-def peers(url: str, n: int) -> None:
-    for exe, name in (("lm_eval", "lm-eval local-chat-completions"), ("inspect", "Inspect openai-api")):
-        if shutil.which(exe) is None:
-            print(f"  {name}: not installed, skipped (pip install it to compare; see reference/eval_frameworks.md §6)")
+LM_EVAL_TASK = """task: evalkit_bench
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {prompts}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: 16
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+INSPECT_TASK = """from inspect_ai import Task, task
+from inspect_ai.dataset import FieldSpec, json_dataset
+from inspect_ai.scorer import match
+from inspect_ai.solver import generate
+
+
+@task
+def evalkit_bench():
+    return Task(dataset=json_dataset({prompts!r}, FieldSpec(input="prompt", target="target", id="id")),
+                solver=generate(), scorer=match())
+"""
+
+
+def _peer_exe(name: str, peer_bin: Path | None) -> str | None:
+    if peer_bin is not None and (peer_bin / name).exists():
+        return str(peer_bin / name)
+    return shutil.which(name)
+
+
+def peers(url: str, n: int, concurrency: int, work: Path, peer_bin: Path | None) -> dict[str, float]:
+    """lm-eval local-chat-completions and Inspect openai-api on the same mock, when installed
+    (reference/eval_frameworks.md §6). Returns requests/s per peer, end to end like evalkit's."""
+    work.mkdir(parents=True, exist_ok=True)
+    prompts = work / "prompts.jsonl"
+    prompts.write_bytes(b"".join(orjson.dumps({"id": str(i), "prompt": f"prompt {i}", "target": "x"}) + b"\n" for i in range(n)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OPENAI_API_KEY": "dummy", "MOCK_API_KEY": "dummy"}
+    rates: dict[str, float] = {}
+    lm_eval = _peer_exe("lm_eval", peer_bin)
+    if lm_eval:
+        (work / "tasks").mkdir(exist_ok=True)
+        (work / "tasks" / "evalkit_bench.yaml").write_text(LM_EVAL_TASK.format(prompts=prompts))
+        cmd = [lm_eval, "--model", "local-chat-completions", "--model_args",
+               f"model=mock-model,base_url={url}/chat/completions,num_concurrent={concurrency},max_retries=3,timeout=120,tokenizer_backend=none",
+               "--include_path", str(work / "tasks"), "--tasks", "evalkit_bench", "--apply_chat_template",
+               "--output_path", str(work / "lm_eval_out"), "--log_samples"]
+        rates["lm-eval local-chat-completions"] = _timed_peer(cmd, env, n)
+    else:
+        print("  lm-eval: not installed, skipped (pip install 'lm_eval[api]'; --peer-bin DIR if it lives in another venv)")
+    inspect = _peer_exe("inspect", peer_bin)
+    if inspect:
+        # Inspect globs the task file and data paths: give them relative to its working folder
+        (work / "inspect_task.py").write_text(INSPECT_TASK.format(prompts=prompts.name))
+        cmd = [inspect, "eval", "inspect_task.py", "--model", "openai-api/mock/mock-model", "--model-base-url", url,
+               "--max-connections", str(concurrency), "--max-retries", "3", "--timeout", "120", "--max-tokens", "16",
+               "--temperature", "0", "--display", "plain", "--no-log-realtime", "--log-dir", str(work / "inspect_out")]
+        rates["Inspect openai-api"] = _timed_peer(cmd, env, n, cwd=work)
+    else:
+        print("  Inspect: not installed, skipped (pip install inspect-ai openai; --peer-bin DIR if it lives in another venv)")
+    return rates
+
+
+def _timed_peer(cmd: list[str], env: dict, n: int, cwd: Path = REPO) -> float:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        print(f"  {Path(cmd[0]).name} failed ({p.returncode}): {(p.stderr or p.stdout)[-600:]}")
+        return float("nan")
+    return n / wall
 
 
 def main() -> None:
@@ -134,6 +207,7 @@ def main() -> None:
     ap.add_argument("--memory-n", type=int, default=200_000)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--parts", default="overhead,fanout,memory")
+    ap.add_argument("--peer-bin", type=Path, help="folder holding lm_eval / inspect executables (e.g. another venv's bin)")
     a = ap.parse_args()
     if a.quick:
         a.overhead_n, a.fanout_n, a.memory_n = 5_000, 8_192, 20_000
@@ -153,13 +227,15 @@ def main() -> None:
             manifest = orjson.loads((tmp / "o1" / "mock-model" / "manifest.json").read_bytes())
             stage_rate = manifest["stages"]["generate"]["requests_per_s"]
             ttfr = time_to_first_request(url, port, data, tmp / "o2")
-            peers(url, a.overhead_n)
+            peer_rates = peers(url, a.overhead_n, a.concurrency, tmp / "peers", a.peer_bin)
             proc.terminate()
             print(f"  bare aiohttp loop: {bare_rate:8.0f} req/s (mean of a run before and after)")
             print(f"  evalkit run (end to end, process start included): {ek_rate:8.0f} req/s")
             print(f"  ratio evalkit / bare: {ek_rate / bare_rate:.2f}x  (target >= 0.90x)")
             print(f"  evalkit generate stage alone (engine + JSONL writer): {stage_rate:8.0f} req/s = {stage_rate / bare_rate:.2f}x")
             print(f"  process start to first request: {ttfr:.2f} s  (target well under 1 s)")
+            for name, rate in peer_rates.items():
+                print(f"  {name} (end to end, process start included): {rate:8.0f} req/s; evalkit / it = {ek_rate / rate:.2f}x")
         if "fanout" in parts:
             print(f"[fan-out] 1 s latency, concurrency 4096, {a.fanout_n} prompts")
             proc, url, port = start_mock("--latency", "1.0")
