@@ -78,7 +78,7 @@ class RowStreamer:
             return
         ids = value.reshape(-1).tolist()
         for i, (job, tok) in enumerate(zip(self.jobs, ids)):
-            if self.done[i]:
+            if self.done[i] or job.stream is None:  # a batch may mix streaming and plain requests
                 continue
             if tok in self.server.eos_ids or len(self.tokens[i]) >= job.max_new_tokens:
                 self.done[i] = True
@@ -93,7 +93,7 @@ class RowStreamer:
             if text.endswith("\ufffd") and not stopped:
                 safe = min(safe, len(text) - 1)
             if safe > self.sent[i]:
-                job.loop.call_soon_threadsafe(job.stream.put_nowait, text[self.sent[i] : safe])  # type: ignore[union-attr]
+                job.loop.call_soon_threadsafe(job.stream.put_nowait, text[self.sent[i] : safe])
                 self.sent[i] = safe
 
     def end(self) -> None:

@@ -148,6 +148,27 @@ def test_64_concurrent_requests_are_answered_in_batches(server):
     assert rows == 64 and batches < 16, f"64 requests took {batches} generate calls: not batched"
 
 
+def test_streaming_and_plain_requests_share_a_batch(server):
+    async def go():
+        ac = openai.AsyncOpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=300)
+        msgs = [{"role": "user", "content": "hello world"}]
+
+        async def streamed():
+            chunks = await ac.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=10, temperature=0, stream=True)
+            return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+
+        async def plain():
+            r = await ac.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=10, temperature=0)
+            return r.choices[0].message.content
+
+        outs = await asyncio.gather(*[streamed() if i % 2 else plain() for i in range(16)])
+        await ac.close()
+        return outs
+
+    outs = asyncio.run(go())
+    assert len(set(outs)) == 1  # same greedy answer whether streamed or not, in one mixed batch
+
+
 def test_evalkit_runs_an_advbench_slice_against_the_server(server, data_root, tmp_path):
     p = run_cli("run", "--subtasks", "advbench", "--limit", "12", "--endpoint", server.url, "--data-path", str(data_root),
                 "--output", str(tmp_path), "--max-tokens", "8", "--concurrency", "12")
