@@ -170,7 +170,7 @@ def _list(args: argparse.Namespace) -> int:
     rows = [("name", "dimension", "suite", "metric", "default judge", "T", "data")]
     for t in all_tasks().values():
         arrow = "↑" if t.direction == "higher_is_better" else "↓"
-        rows.append((t.name, t.dimension, t.suite, f"{t.metric} {arrow}", ",".join(t.default_judges), "server" if t.temperature is None else f"{t.temperature:g}", f"{t.dataset}/{t.file}"))
+        rows.append((t.name, t.dimension, t.suite, f"{t.metric} {arrow}", ",".join(t.default_judges) or "rule", "server" if t.temperature is None else f"{t.temperature:g}", f"{t.dataset}/{t.file}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

@@ -27,7 +27,7 @@ from .engine import Engine, FatalAuthError, Request, RequestFailure, Result
 from .judges import JUDGES, JudgeError, Verdict, check_judge_names
 from .metrics import Metric
 from .records import JsonlWriter, JudgmentRecord, ResponseRecord, load_for_resume, read_records, record_key
-from .tasks import Scored, Task
+from .tasks import RULE_JUDGE, Scored, Task
 
 log = logging.getLogger("evalkit")
 LOCAL_JUDGE_CHUNK = 256
@@ -231,6 +231,8 @@ def _gen_key(endpoint_id: list[str], model: str, params: dict, system: str | Non
 
 
 def judges_for(cfg: RunConfig, task: Task) -> list[str]:
+    if task.question is None:  # scored by string rules, judged by nobody
+        return []
     names = cfg.judges or list(task.default_judges)
     check_judge_names(names)
     return names
@@ -372,6 +374,8 @@ def score(ctx: RunContext) -> dict[str, Any]:
             raise ConfigError(f"no responses for {task.name} in {ctx.responses_path(task)}: run `evalkit generate` first")
         judgments = read_records(ctx.judgments_path(task), JudgmentRecord)
         metrics: list[Metric] = []
+        if task.question is None:
+            metrics.extend(task.score([Scored(r, None) for r in responses], RULE_JUDGE))
         for name in judges_for(cfg, task):
             ident = make_judge(cfg, name).identity(task.question)
             by_response = {j.response_key: j for j in judgments if j.judge == ident}

@@ -12,6 +12,7 @@ from ..records import JudgmentRecord, ResponseRecord
 
 DIMENSIONS = ("truthfulness", "safety", "fairness", "robustness", "privacy", "ethics")
 TASKS: dict[str, "Task"] = {}
+RULE_JUDGE = "rule"  # subtasks scored by string rules on the answer: no judge stage
 
 
 def register(cls: type["Task"]) -> type["Task"]:
@@ -52,7 +53,7 @@ class Task:
     temperature: ClassVar[float | None] = None  # None: leave it to the server's default
     max_tokens: ClassVar[int] = 512
     system_prompt: ClassVar[str | None] = None
-    question: ClassVar[str]  # what the judge is asked: "refusal" | "harm"
+    question: ClassVar[str | None]  # what the judge is asked: "refusal" | "harm"; None: scored by rules
     default_judges: ClassVar[tuple[str, ...]]
     metric: ClassVar[str]
     direction: ClassVar[str]
@@ -88,8 +89,12 @@ class Task:
         raise NotImplementedError
 
 
+def _register_all() -> None:
+    from . import privacy, robustness, safety  # noqa: F401  (importing registers)
+
+
 def select(dimensions: list[str], subtasks: list[str]) -> list[Task]:
-    from . import safety  # noqa: F401  (registers)
+    _register_all()
 
     for d in dimensions:
         if d not in DIMENSIONS:
@@ -109,9 +114,9 @@ def select(dimensions: list[str], subtasks: list[str]) -> list[Task]:
 
 
 def all_tasks() -> dict[str, Task]:
-    from . import safety  # noqa: F401
+    _register_all()
 
     return TASKS
 
 
-__all__ = ["Task", "Scored", "register", "select", "all_tasks", "DIMENSIONS", "DataError", "TaskSelectionError"]
+__all__ = ["RULE_JUDGE", "Task", "Scored", "register", "select", "all_tasks", "DIMENSIONS", "DataError", "TaskSelectionError"]

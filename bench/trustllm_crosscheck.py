@@ -1,0 +1,121 @@
+"""Cross-check: evalkit's `trustllm_value` against TrustLLM's own metric code, on the real data files
+with identical synthetic answers. Prints both numbers per metric; exits 1 on any disagreement.
+
+    python bench/trustllm_crosscheck.py --trustllm DIR [--data-path ../shared/datasets] [--seed 0]
+
+DIR holds TrustLLM's `trustllm` package: the unzipped PyPI wheel (`pip download --no-deps
+trustllm==0.3.0`, then unzip) or a git checkout's `trustllm_pkg/`. TrustLLM's code is imported
+as it is, not reimplemented. Its own dependencies must be importable (numpy, scipy, pandas,
+scikit-learn, openai, tenacity); torch, transformers and the Google client are stubbed when absent,
+as the offline import in ../shared/reference/trustllm.md §5 describes (no metric checked here uses them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def stub_heavy_modules() -> None:
+    for name in ("torch", "transformers", "googleapiclient", "googleapiclient.discovery"):
+        try:
+            __import__(name)
+        except ImportError:
+            mod = types.ModuleType(name)
+            mod.Tensor = type("Tensor", (), {})  # scipy probes torch.Tensor
+            mod.pipeline = mod.AutoModelForSequenceClassification = mod.AutoTokenizer = None
+            mod.discovery = mod
+            mod.cuda = types.SimpleNamespace(is_available=lambda: False)
+            sys.modules[name] = mod
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trustllm", type=Path, required=True)
+    ap.add_argument("--data-path", type=Path, default=REPO.parent / "shared" / "datasets")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    stub_heavy_modules()
+    sys.path.insert(0, str(a.trustllm))
+    os.chdir(tempfile.mkdtemp(prefix="trustllm-xcheck-"))  # TrustLLM writes log files into the working folder
+    from trustllm.task.privacy import PrivacyEval
+    from trustllm.task.robustness import RobustnessEval
+    from trustllm.utils import metrics as tl_metrics
+
+    from evalkit.records import ResponseRecord
+    from evalkit.tasks import RULE_JUDGE, Scored, all_tasks
+
+    rng = random.Random(a.seed)
+    tasks = all_tasks()
+
+    def rows_and_records(task_name: str, answer):
+        """Our Scored rows and TrustLLM's list-of-dicts (original record + res) for the same answers."""
+        import json
+
+        task = tasks[task_name]
+        raw = json.loads(task.path(a.data_path).read_text())
+        items = task.load(a.data_path)
+        rows, records = [], []
+        for it, rec in zip(items, raw):
+            res = answer(rec)
+            rows.append(Scored(ResponseRecord(key=it.id, subtask=task_name, item_id=it.id, model="m", params={}, created=0.0,
+                                              response=res, **it.data), None))
+            records.append({**rec, "res": res})
+        return task, rows, records
+
+    checks: list[tuple[str, float | None, float | None]] = []
+
+    def ours(metrics, name):
+        m = next(m for m in metrics if m.name == name)
+        return m.trustllm_value if m.trustllm_value is not None else m.value
+
+    glue_pool = ["Yes.", "No.", "yes and no", "Positive", "negative", "Maybe", "I do not know", "是", "maybe not"]
+    task, rows, records = rows_and_records("adversarial_glue", lambda rec: rng.choice(glue_pool))
+    theirs = RobustnessEval().advglue_eval(records)
+    mine = task.score(rows, RULE_JUDGE)
+    for name, key in (("rs", "RS"), ("avg_acc", "avg_acc"), ("avg_adv_acc", "avg_adv_acc"), ("avg_asr", "avg_asr")):
+        checks.append((f"adversarial_glue {name}", ours(mine, name), theirs[key]))
+
+    conf_pool = ["strongly agree", "Strongly agree", "Neutral", "0) Neutral", "somewhat disagree", "The answer is 50.",
+                 "Rating: 75", "somewhat agree", "-50", "No idea.", "I'd say strongly disagree"]
+    task, rows, records = rows_and_records("privacy_confidence", lambda rec: rng.choice(conf_pool))
+    checks.append(("privacy_confidence pearson", ours(task.score(rows, RULE_JUDGE), "pearson"), PrivacyEval().ConfAIDe_eval(records)))
+
+    def leak_answer(rec):
+        return rng.choice([rec["gt-email"], f"It is {rec['gt-email']}.", "someone@enron.com", "no address here", "x@foo.org",
+                           rec["gt-email"].replace(".com", ".org"), None])
+
+    task, rows, records = rows_and_records("privacy_leakage", leak_answer)
+    theirs = PrivacyEval().leakage_eval(records)
+    mine = task.score(rows, RULE_JUDGE)
+    for name, key in (("rta", "RtA"), ("td", "TD"), ("cd", "CD")):
+        checks.append((f"privacy_leakage {name}", ours(mine, name), theirs[key]))
+
+    # RtA on judged subtasks: evalkit's verdicts turned into TrustLLM's Longformer labels
+    from evalkit.metrics import trustllm_rta
+
+    refused = [rng.choice([True, False, None]) for _ in range(1400)]
+    answered = [rng.random() > 0.05 for _ in refused]
+    tl_data = [{"eval_res": "LABEL_0" if r else "LABEL_1" if r is False else None} for r, h in zip(refused, answered) if h]
+    checks.append(("RtA (jailbreak, misuse, ...)", trustllm_rta(refused, answered), tl_metrics.RtA(tl_data)))
+
+    bad = 0
+    print(f"{'metric':36} {'evalkit trustllm_value':>24} {'TrustLLM code':>16}")
+    for name, mine_v, their_v in checks:
+        same = (mine_v is None and their_v is None) or (mine_v is not None and their_v is not None and abs(mine_v - their_v) < 1e-9)
+        bad += not same
+        print(f"{name:36} {mine_v!s:>24} {their_v!s:>16}  {'agree' if same else 'DIFFER'}")
+    print(f"{len(checks) - bad}/{len(checks)} agree")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
