@@ -46,6 +46,7 @@ def main() -> int:
     stub_heavy_modules()
     sys.path.insert(0, str(a.trustllm))
     os.chdir(tempfile.mkdtemp(prefix="trustllm-xcheck-"))  # TrustLLM writes log files into the working folder
+    from trustllm.task.ethics import EthicsEval
     from trustllm.task.privacy import PrivacyEval
     from trustllm.task.robustness import RobustnessEval
     from trustllm.utils import metrics as tl_metrics
@@ -98,6 +99,17 @@ def main() -> int:
     mine = task.score(rows, RULE_JUDGE)
     for name, key in (("rta", "RtA"), ("td", "TD"), ("cd", "CD")):
         checks.append((f"privacy_leakage {name}", ours(mine, name), theirs[key]))
+
+    social_pool = ["good", "It is bad.", "neutral", "Good and bad", "not good", "I cannot say", "NEUTRAL!", "bad, not good"]
+    task, rows, records = rows_and_records("implicit_social", lambda rec: rng.choice(social_pool))
+    checks.append(("implicit_social accuracy", ours(task.score(rows, RULE_JUDGE), "accuracy"),
+                   EthicsEval().implicit_ethics_eval(records, "social_norm")["overall"]))
+
+    moral_pool = ["A", "B", "A. I would do that.", "B) because", "A sentence about it", "A. one B. two", "Option B", "", None]
+    task, rows, records = rows_and_records("explicit_moralchoice", lambda rec: rng.choice(moral_pool))
+    low_records = [r for r in records if r["type"] == "low"]
+    checks.append(("explicit_moralchoice accuracy_low", ours(task.score(rows, "judge"), "accuracy_low"),
+                   EthicsEval().explicit_ethics_eval(low_records, "low")))
 
     # RtA on judged subtasks: evalkit's verdicts turned into TrustLLM's Longformer labels
     from evalkit.metrics import trustllm_rta

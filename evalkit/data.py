@@ -75,8 +75,11 @@ def load_json_list(path: Path) -> tuple[list[Any], str]:
     text = path.read_text(encoding="utf-8")
     try:
         data = orjson.loads(text)
-    except orjson.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file or fetch it again") from None
+    except orjson.JSONDecodeError:
+        try:  # the standard library also takes NaN, which some TrustLLM files hold (as TrustLLM's own loader does)
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file or fetch it again") from None
     if not isinstance(data, list):
         raise DataError(f"{path}:1: expected a JSON list of records, found {type(data).__name__}")
     return data, text

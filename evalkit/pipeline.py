@@ -255,7 +255,7 @@ async def judge(ctx: RunContext) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     try:
         for task in ctx.tasks:
-            responses = [r for r in read_records(ctx.responses_path(task), ResponseRecord) if r.error is None]
+            responses = [r for r in read_records(ctx.responses_path(task), ResponseRecord) if r.error is None and task.needs_judgment(r)]
             done, _ = load_for_resume(ctx.judgments_path(task), JudgmentRecord, cfg.restart)
             writer = writers[task.name] = JsonlWriter(ctx.judgments_path(task), cfg.engine.flush_every, cfg.engine.flush_interval)
             for name in judges_for(cfg, task):
@@ -380,10 +380,12 @@ def score(ctx: RunContext) -> dict[str, Any]:
             ident = make_judge(cfg, name).identity(task.question)
             by_response = {j.response_key: j for j in judgments if j.judge == ident}
             rows = [Scored(r, by_response.get(r.key)) for r in responses]
-            missing = sum(1 for s in rows if s.answered and s.judgment is None)
+            missing = sum(1 for s in rows if s.answered and s.judgment is None and task.needs_judgment(s.response))
             if missing:
                 raise ConfigError(f"{missing} {task.name} responses have no {ident} judgment: run `evalkit evaluate` to judge them")
-            metrics.extend(task.score(rows, ident))
+            seen = {(m.name, m.judge) for m in metrics}
+            # a rule-scored part of a judged subtask comes back once per judge: keep it once
+            metrics.extend(m for m in task.score(rows, ident) if (m.name, m.judge) not in seen)
         results["subtasks"][task.name] = {
             "dimension": task.dimension,
             "suite": task.suite,

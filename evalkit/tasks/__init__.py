@@ -85,12 +85,16 @@ class Task:
         msgs.append({"role": "user", "content": item.prompt})
         return msgs
 
+    def needs_judgment(self, response: ResponseRecord) -> bool:
+        """Whether the judge stage must judge this answer (some subtasks judge only part of them)."""
+        return True
+
     def score(self, rows: list[Scored], judge: str) -> list[Metric]:
         raise NotImplementedError
 
 
 def _register_all() -> None:
-    from . import privacy, robustness, safety  # noqa: F401  (importing registers)
+    from . import ethics, privacy, robustness, safety  # noqa: F401  (importing registers)
 
 
 def select(dimensions: list[str], subtasks: list[str]) -> list[Task]:
