@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--force", action="store_true", help="download even files already verified")
     dl = dsub.add_parser("list", help="show which datasets are present and verified")
     dl.add_argument("--data-path", type=Path)
+    cp = sub.add_parser("compare", help="compare runs: Markdown table, HTML report, PNG charts per dimension")
+    cp.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<model>) or results.json files")
+    cp.add_argument("--output", type=Path, default=Path("reports"), help="folder for the report [reports]")
     mp = sub.add_parser("mock-server", help="a fault-injecting mock OpenAI server for dry runs and tests")
     from .mock_server import add_arguments
 
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import FatalAuthError, RequestFailure
     from .judges import JudgeError
     from .records import RecordFileError
+    from .report import ReportError
     from .tasks import TaskSelectionError
 
     try:
@@ -225,12 +229,21 @@ def main(argv: list[str] | None = None) -> int:
             return _list(args)
         if args.command == "datasets":
             return _datasets(args)
+        if args.command == "compare":
+            from .report import compare
+
+            files = compare(args.runs, args.output)
+            for f in files:
+                print(f)
+            if not any(f.suffix == ".png" for f in files):
+                print("evalkit: no charts: pip install matplotlib (or 'evalkit[report]')", file=sys.stderr)
+            return 0
         stages = {"run": ("generate", "judge"), "generate": ("generate",), "evaluate": ("judge",)}[args.command]
         return asyncio.run(_evaluate(args, stages))
     except FatalAuthError as e:
         print(f"evalkit: stopped: {e}", file=sys.stderr)
         return EXIT_AUTH
-    except (ConfigError, DataError, FetchError, JudgeError, RecordFileError, RequestFailure, TaskSelectionError) as e:
+    except (ConfigError, DataError, FetchError, JudgeError, RecordFileError, ReportError, RequestFailure, TaskSelectionError) as e:
         print(f"evalkit: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -1,0 +1,167 @@
+"""Comparing runs: results.json of several models -> a Markdown table, a self-contained HTML report
+and one PNG bar chart per dimension (the Oak Ridge figures' shape: a group per metric, a bar per model).
+
+    evalkit compare runs/llama-8b runs/llama-8b-bnb4 runs/llama-8b-wanda-2-4 --output reports/
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+class ReportError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Row:
+    dimension: str
+    subtask: str
+    metric: str
+    judge: str
+    direction: str
+
+
+def load_results(run_dirs: list[Path]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for d in run_dirs:
+        path = d / "results.json" if d.is_dir() else d
+        if not path.is_file():
+            raise ReportError(f"{path} does not exist: give run folders that hold a results.json (made by `evalkit run` or `evaluate`)")
+        try:
+            data = orjson.loads(path.read_bytes())
+        except orjson.JSONDecodeError as e:
+            raise ReportError(f"{path} is not valid JSON ({e})") from None
+        out.append((data.get("model") or path.parent.name, data))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):  # two runs of one model id (e.g. two endpoints): tell them apart by folder
+        out = [(f"{n} ({Path(d).name})", data) for (n, data), d in zip(out, run_dirs)]
+    return out
+
+
+def table(runs: list[tuple[str, dict[str, Any]]]) -> tuple[list[Row], dict[Row, dict[str, dict]]]:
+    """Rows (first-seen order) and, per row, each model's metric entry."""
+    rows: list[Row] = []
+    cells: dict[Row, dict[str, dict]] = {}
+    for model, data in runs:
+        for subtask, entry in data.get("subtasks", {}).items():
+            for m in entry.get("metrics", []):
+                row = Row(entry.get("dimension", "?"), subtask, m["name"], m["judge"], m["direction"])
+                if row not in cells:
+                    rows.append(row)
+                    cells[row] = {}
+                cells[row][model] = m
+    order = {d: i for i, d in enumerate(("truthfulness", "safety", "fairness", "robustness", "privacy", "ethics"))}
+    rows.sort(key=lambda r: order.get(r.dimension, 99))  # stable: keeps the subtask order within a dimension
+    return rows, cells
+
+
+def _fmt(m: dict | None) -> str:
+    if m is None or m.get("value") is None:
+        return "–"
+    s = f"{m['value']:.4f}"
+    if m.get("trustllm_value") is not None:
+        s += f" ({m['trustllm_value']:.4f})"
+    if m.get("n_invalid"):
+        s += f" [{m['n_invalid']} invalid]"
+    return s
+
+
+def markdown(runs, rows, cells) -> str:
+    models = [n for n, _ in runs]
+    lines = [
+        "| dimension | subtask | metric | judge | " + " | ".join(models) + " |",
+        "|---|---|---|---|" + "---|" * len(models),
+    ]
+    for r in rows:
+        arrow = "↑" if r.direction == "higher_is_better" else "↓"
+        vals = " | ".join(_fmt(cells[r].get(m)) for m in models)
+        lines.append(f"| {r.dimension} | {r.subtask} | {r.metric} {arrow} | {r.judge} | {vals} |")
+    note = "\nValues: evalkit's (TrustLLM code's, where it differs) [answers without a valid verdict].\n"
+    return "\n".join(lines) + "\n" + note
+
+
+def charts(runs, rows, cells, out_dir: Path) -> list[Path]:
+    """One PNG per dimension; per-group breakdowns (metric names with '/') stay in the tables."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    models = [n for n, _ in runs]
+    paths = []
+    for dim in dict.fromkeys(r.dimension for r in rows):
+        dim_rows = [r for r in rows if r.dimension == dim and "/" not in r.metric]
+        if not dim_rows:
+            continue
+        width = 0.8 / max(1, len(models))
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(dim_rows) * max(1, len(models)) ** 0.5 + 2), 4.5))
+        for i, model in enumerate(models):
+            xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(dim_rows))]
+            ys = [(cells[r].get(model) or {}).get("value") for r in dim_rows]
+            bars = ax.bar(xs, [y if y is not None else 0 for y in ys], width, label=model)
+            for b, y in zip(bars, ys):
+                ax.annotate("–" if y is None else f"{y:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                            ha="center", va="bottom", fontsize=7)
+        shared = {(r.subtask, r.metric) for r in dim_rows if sum((x.subtask, x.metric) == (r.subtask, r.metric) for x in dim_rows) > 1}
+        labels = [f"{r.subtask}\n{r.metric} {'↑' if r.direction == 'higher_is_better' else '↓'}"
+                  + (f"\n{r.judge.split(':')[0]}" if (r.subtask, r.metric) in shared else "") for r in dim_rows]
+        ax.set_xticks(range(len(dim_rows)), labels, fontsize=8)
+        ax.set_title(f"{dim}")
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        path = out_dir / f"{dim}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def html_report(runs, rows, cells, pngs: list[Path]) -> str:
+    models = [n for n, _ in runs]
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
+    body = []
+    for r in rows:
+        arrow = "↑" if r.direction == "higher_is_better" else "↓"
+        tds = "".join(f"<td>{html.escape(_fmt(cells[r].get(m)))}</td>" for m in models)
+        body.append(f"<tr><td>{r.dimension}</td><td>{html.escape(r.subtask)}</td><td>{html.escape(r.metric)} {arrow}</td>"
+                    f"<td>{html.escape(r.judge)}</td>{tds}</tr>")
+    imgs = "".join(
+        f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"></figure>' for p in pngs
+    )
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>evalkit comparison</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
+th{{background:#f4f4f4}}figure{{display:inline-block;margin:1em}}</style></head>
+<body><h1>evalkit comparison</h1>
+<p>Models: {", ".join(html.escape(m) for m in models)}. Values: evalkit's (TrustLLM code's, where it differs) [answers without a valid verdict].</p>
+{imgs}
+<table><tr><th>dimension</th><th>subtask</th><th>metric</th><th>judge</th>{head}</tr>
+{"".join(body)}
+</table></body></html>
+"""
+
+
+def compare(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    if not run_dirs:
+        raise ReportError("give at least one run folder (e.g. runs/<model>)")
+    runs = load_results(run_dirs)
+    rows, cells = table(runs)
+    if not rows:
+        raise ReportError("the results hold no metrics: run `evalkit run` (or `evaluate`) first")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "comparison.md"
+    md.write_text(markdown(runs, rows, cells))
+    pngs = charts(runs, rows, cells, out_dir)
+    page = out_dir / "comparison.html"
+    page.write_text(html_report(runs, rows, cells, pngs))
+    return [md, page, *pngs]
