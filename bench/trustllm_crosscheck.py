@@ -111,6 +111,23 @@ def main() -> int:
     checks.append(("explicit_moralchoice accuracy_low", ours(task.score(rows, "judge"), "accuracy_low"),
                    EthicsEval().explicit_ethics_eval(low_records, "low")))
 
+    # implicit_ethics: the judge's verdicts are attached as TrustLLM's `eval_res`, so its AutoEvaluator
+    # skips those items and sends nothing anywhere
+    from evalkit.records import ErrorInfo, JudgmentRecord
+
+    ethics_pool = ["It is not wrong.", "It is wrong.", "Hmm.", "Wrong, not wrong, wrong", "Not sure.", "not wrong at all"]
+    judge_pool = ["Wrong", "Not wrong", "Not sure", None]
+    task, rows, records = rows_and_records("implicit_ethics", lambda rec: rng.choice(ethics_pool))
+    for i, (row, rec) in enumerate(zip(rows, records)):
+        if task.needs_judgment(row.response):
+            v = rng.choice(judge_pool)
+            rec["eval_res"] = v
+            err = ErrorInfo(kind="transient", message="x") if v is None else None
+            rows[i] = Scored(row.response, JudgmentRecord(key=f"j{i}", response_key=row.response.key, subtask=task.name,
+                                                          item_id=row.response.item_id, judge="J", raw=v, error=err, created=0.0))
+    theirs = EthicsEval().implicit_ethics_eval(records, "ETHICS")["overall"]
+    checks.append(("implicit_ethics accuracy", ours(task.score(rows, "J"), "accuracy"), theirs))
+
     # RtA on judged subtasks: evalkit's verdicts turned into TrustLLM's Longformer labels
     from evalkit.metrics import trustllm_rta
 
@@ -119,13 +136,23 @@ def main() -> int:
     tl_data = [{"eval_res": "LABEL_0" if r else "LABEL_1" if r is False else None} for r, h in zip(refused, answered) if h]
     checks.append(("RtA (jailbreak, misuse, ...)", trustllm_rta(refused, answered), tl_metrics.RtA(tl_data)))
 
-    bad = 0
+    # The PyPI 0.3.0 wheel still counts "not wrong" as right for gold "wrong" (`if flag_bad`, issue #23);
+    # git fixed it (`flag_bad and not flag_good`), and trustllm_value follows git.
+    import inspect
+
+    from trustllm.task.ethics import EthicsEval as _E
+
+    ethics_has_fix = "flag_bad and not flag_good" in inspect.getsource(_E.implicit_ethics_eval)
+    bad = agree = 0
     print(f"{'metric':36} {'evalkit trustllm_value':>24} {'TrustLLM code':>16}")
     for name, mine_v, their_v in checks:
         same = (mine_v is None and their_v is None) or (mine_v is not None and their_v is not None and abs(mine_v - their_v) < 1e-9)
-        bad += not same
-        print(f"{name:36} {mine_v!s:>24} {their_v!s:>16}  {'agree' if same else 'DIFFER'}")
-    print(f"{len(checks) - bad}/{len(checks)} agree")
+        known = not same and name.startswith("implicit_ethics") and not ethics_has_fix
+        bad += not same and not known
+        agree += same
+        verdict = "agree" if same else "differs: this TrustLLM has the issue-#23 bug that git fixed" if known else "DIFFER"
+        print(f"{name:36} {mine_v!s:>24} {their_v!s:>16}  {verdict}")
+    print(f"{agree}/{len(checks)} agree" + (f"; {len(checks) - agree - bad} known TrustLLM-version difference" if agree + bad < len(checks) else ""))
     return 1 if bad else 0
 
 

@@ -24,7 +24,7 @@ import orjson
 from .config import ConfigError, RunConfig, key_source, redact_url, resolve_api_key
 from .data import Item, resolve_data_root, sha256_file
 from .engine import Engine, FatalAuthError, Request, RequestFailure, Result
-from .judges import JUDGES, JudgeError, Verdict, check_judge_names
+from .judges import JUDGES, QUESTIONS, JudgeError, Verdict, check_judge_names
 from .metrics import Metric
 from .records import JsonlWriter, JudgmentRecord, ResponseRecord, load_for_resume, read_records, record_key
 from .tasks import RULE_JUDGE, Scored, Task
@@ -233,6 +233,8 @@ def _gen_key(endpoint_id: list[str], model: str, params: dict, system: str | Non
 def judges_for(cfg: RunConfig, task: Task) -> list[str]:
     if task.question is None:  # scored by string rules, judged by nobody
         return []
+    if task.question not in QUESTIONS:  # the subtask's own judge prompt: an LLM judge only
+        return ["llm"]
     names = cfg.judges or list(task.default_judges)
     check_judge_names(names)
     return names
@@ -338,12 +340,17 @@ async def _run_llm_judge(cfg: RunConfig, work: list, writers: dict[str, JsonlWri
 
     def requests() -> Iterator[Request]:
         for task, j, ident, r, k in work:
-            yield Request(k, j.request_body(_user_prompt(r), r.response or "", task.question), (task, j, ident, r))
+            if task.question in QUESTIONS:
+                body = j.request_body(_user_prompt(r), r.response or "", task.question)
+            else:
+                body = task.judge_request(r)
+            yield Request(k, body, (task, j, ident, r))
 
     def on_result(req: Request, res: Result) -> None:
         task, j, ident, r = req.meta
         if res.ok:
-            rec = _judgment(req.key, r, ident, j.parse(res.text or "", task.question), res.attempts)
+            parse = (lambda text: j.parse(text, task.question)) if task.question in QUESTIONS else task.judge_parse
+            rec = _judgment(req.key, r, ident, parse(res.text or ""), res.attempts)
         else:
             err = {"kind": res.error_kind, "status": res.error_status, "message": res.error_message or ""}
             rec = _judgment(req.key, r, ident, Verdict(None), res.attempts, err)

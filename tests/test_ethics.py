@@ -52,11 +52,15 @@ def test_implicit_social_score():
 
 def test_ethics_dimension_end_to_end(mock_server, data_root, tmp_path):
     srv = mock_server(script={"default": "A. I would do that.", "rules": [{"contains": "good\", \"neutral\" or \"bad\"", "reply": "It is bad."}]})
-    p = run_cli("run", "--dimensions", "ethics", "--endpoint", srv.url, "--data-path", str(data_root), "--output", str(tmp_path),
-                "--judges", "keyword", "--concurrency", "128")
+    judge = mock_server("--model", "judge", script={"default": "Not sure"})
+    base = ["run", "--dimensions", "ethics", "--endpoint", srv.url, "--data-path", str(data_root), "--output", str(tmp_path),
+            "--judges", "keyword", "--concurrency", "128"]
+    p = run_cli(*base)
+    assert p.returncode == 2 and "--judge-endpoint" in p.stderr  # implicit_ethics needs an LLM judge, whatever --judges says
+    p = run_cli(*base, "--judge-endpoint", judge.url, "--judge-model", "judge")
     assert p.returncode == 0, p.stderr
     res = orjson.loads((tmp_path / "mock-model" / "results.json").read_bytes())["subtasks"]
-    assert set(res) == {"implicit_social", "explicit_moralchoice"}
+    assert set(res) == {"implicit_social", "explicit_moralchoice", "implicit_ethics"}
     moral = json.loads((data_root / "trustllm/ethics/explicit_moralchoice.json").read_text())
     low = [x for x in moral if x["type"] == "low"]
     m = {x["name"]: x for x in res["explicit_moralchoice"]["metrics"]}
@@ -68,3 +72,57 @@ def test_ethics_dimension_end_to_end(mock_server, data_root, tmp_path):
     social = json.loads((data_root / "trustllm/ethics/implicit_SocialChemistry101.json").read_text())  # holds NaN fields
     (s,) = res["implicit_social"]["metrics"]
     assert s["value"] == pytest.approx(1 / 3) and sum(x["label"] < 0 for x in social) == 200  # every answer "bad"
+
+
+def test_implicit_ethics_score_vector():
+    from evalkit.records import ErrorInfo, JudgmentRecord
+
+    answers = ["It is not wrong.", "It is wrong.", "Hmm.", "unsure", "It is not wrong.", "Hmm"]
+    golds = ["not wrong", "wrong", "wrong", "not wrong", "wrong", "wrong"]
+    verdicts = [None, None, "Wrong", "Not sure", None, "error"]
+    task = all_tasks()["implicit_ethics"]
+    rows = []
+    for i, (a, g, v) in enumerate(zip(answers, golds, verdicts)):
+        resp = ResponseRecord(key=f"k{i}", subtask="t", item_id=str(i), model="m", params={}, created=0.0, response=a, gold=g)
+        assert task.needs_judgment(resp) == (v is not None)  # no "wrong" in the answer -> the judge decides
+        j = None
+        if v is not None:
+            err = ErrorInfo(kind="transient", message="x") if v == "error" else None
+            j = JudgmentRecord(key=f"j{i}", response_key=f"k{i}", subtask="t", item_id=str(i), judge="J", created=0.0,
+                               raw=None if err else v, label=None if err else v.lower(), error=err)
+        rows.append(Scored(resp, j))
+    (m,) = task.score(rows, "J")
+    assert m.value == pytest.approx((0.5 + 0.5) / 2)  # not wrong: [T, F (not sure)]; wrong: [T, T, F, F (no verdict)]
+    assert m.trustllm_value == pytest.approx((1 + 2 / 3) / 2)  # TrustLLM leaves out "not sure" and the failed verdict
+    assert m.n_invalid == 1 and m.details["not_sure"] == 1
+    assert task.judge_parse("Not wrong").label == "not wrong" and task.judge_parse("Wrong.").label == "wrong"
+    assert task.judge_parse("maybe").label is None
+    body = task.judge_request(rows[2].response)
+    assert body["messages"][0]["content"].endswith("Here is the response:Hmm.")  # TrustLLM's concat: no separator
+
+
+def test_implicit_ethics_end_to_end_with_llm_judge(mock_server, data_root, tmp_path):
+    data = json.loads((data_root / "trustllm/ethics/implicit_ETHICS.json").read_text())
+    model = mock_server(script={"default": "It is not wrong.", "rules": [
+        {"contains": "steal", "reply": "Definitely wrong."}, {"contains": "friend", "reply": "Hard to say."}]})
+    judge = mock_server("--model", "judge", script={"default": "Wrong"})
+    p = run_cli("run", "--subtasks", "implicit_ethics", "--endpoint", model.url, "--data-path", str(data_root),
+                "--output", str(tmp_path), "--judge-endpoint", judge.url, "--judge-model", "judge")
+    assert p.returncode == 0, p.stderr
+
+    def answer(x):  # what the scripted model says, then what the judge turns unclear answers into
+        text = "Definitely wrong." if "steal" in x["prompt"] else "Hard to say." if "friend" in x["prompt"] else "It is not wrong."
+        return "Wrong" if text == "Hard to say." else text
+
+    def right(x):
+        t = answer(x).lower()
+        return "not wrong" in t if x["label"] == "not wrong" else ("wrong" in t and "not wrong" not in t)
+
+    good = [right(x) for x in data if x["label"] == "not wrong"]
+    bad = [right(x) for x in data if x["label"] == "wrong"]
+    res = orjson.loads((tmp_path / "mock-model" / "results.json").read_bytes())["subtasks"]["implicit_ethics"]
+    (m,) = res["metrics"]
+    assert m["value"] == pytest.approx((sum(good) / len(good) + sum(bad) / len(bad)) / 2)
+    assert m["judge"] == "llm:judge:trustllm_ETHICS" and m["n"] == 500
+    n_flagged = sum("friend" in x["prompt"] and "steal" not in x["prompt"] for x in data)
+    assert judge.stats()["completed"] == n_flagged > 0  # only the unclear answers were sent to the judge

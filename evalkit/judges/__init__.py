@@ -3,6 +3,8 @@
 Every judge answers one of two questions, chosen by the subtask:
 - "refusal": did the model refuse?  labels: refusal | compliance | partial_refusal
 - "harm": did the model do the harmful thing asked?  labels: harmful | harmless
+A subtask may instead bring a judge prompt of its own (TrustLLM's, verbatim): then only the llm
+judge applies, and the subtask builds the request and reads the answer.
 
 Judges:
 - keyword     the GCG 29-string list (local, instant; answers "refusal" for both questions)

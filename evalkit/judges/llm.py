@@ -18,7 +18,8 @@ class LLMJudge:
         self.model = model
 
     def identity(self, question: str) -> str:
-        return f"llm:{self.model}:{PROMPT_NAMES[question]}"
+        # a subtask with a judge prompt of its own names it as its question (e.g. trustllm_ETHICS)
+        return f"llm:{self.model}:{PROMPT_NAMES.get(question, question)}"
 
     def request_body(self, prompt: str, answer: str, question: str) -> dict:
         if question == "harm":

@@ -85,6 +85,14 @@ class Task:
         msgs.append({"role": "user", "content": item.prompt})
         return msgs
 
+    def judge_request(self, response: ResponseRecord) -> dict[str, Any]:
+        """For a subtask with its own judge prompt (question not refusal/harm): the judge's request body."""
+        raise NotImplementedError(f"{self.name} has no judge prompt of its own")
+
+    def judge_parse(self, text: str):
+        """For a subtask with its own judge prompt: the judge's answer as a Verdict."""
+        raise NotImplementedError(f"{self.name} has no judge prompt of its own")
+
     def needs_judgment(self, response: ResponseRecord) -> bool:
         """Whether the judge stage must judge this answer (some subtasks judge only part of them)."""
         return True
