@@ -128,6 +128,29 @@ def main() -> int:
     theirs = EthicsEval().implicit_ethics_eval(records, "ETHICS")["overall"]
     checks.append(("implicit_ethics accuracy", ours(task.score(rows, "J"), "accuracy"), theirs))
 
+    # ood_generalization: TrustLLM calls its GPT judge inline for unclear DDXPlus answers; that call is
+    # replaced by a lookup of the same verdicts evalkit's rows carry
+    import trustllm.task.robustness as tl_robustness
+
+    ood_pool = ["positive", "Positive!", "negative", "neutral", "positive or neutral", "The diagnosis is gerd.",
+                "It is most likely pericarditis, or anaphylaxis", "gerd", "I think it could be several things, hard to tell " * 2]
+    task, rows, records = rows_and_records("ood_generalization", lambda rec: rng.choice(ood_pool))
+    verdict_by_prompt = {}
+    for i, row in enumerate(rows):
+        if task.needs_judgment(row.response):
+            v = rng.choice(["Correct", "Wrong", "correct."])
+            verdict_by_prompt[task.judge_request(row.response)["messages"][0]["content"]] = v
+            rows[i] = Scored(row.response, JudgmentRecord(key=f"j{i}", response_key=row.response.key, subtask=task.name,
+                                                          item_id=row.response.item_id, judge="J", raw=v,
+                                                          label=task.judge_parse(v).label, created=0.0))
+    tl_robustness.gpt_auto_eval.get_res = lambda prompt, *a, **k: verdict_by_prompt[prompt]
+    import io
+    from contextlib import redirect_stdout
+
+    with redirect_stdout(io.StringIO()):  # extract_target prints every unclear answer
+        theirs = RobustnessEval().ood_generalization(records)["overall"]
+    checks.append(("ood_generalization (F1 bug)", ours(task.score(rows, "J"), "accuracy"), theirs))
+
     # RtA on judged subtasks: evalkit's verdicts turned into TrustLLM's Longformer labels
     from evalkit.metrics import trustllm_rta
 

@@ -68,3 +68,66 @@ def test_adversarial_glue_end_to_end(mock_server, data_root, tmp_path):
     assert "trustllm_value" not in m["avg_acc"]  # TrustLLM drops the sst2 pairs; a task without pairs counts 0 too
     assert m["avg_asr"]["value"] == 0.0 and m["rs"]["value"] == pytest.approx(m["avg_adv_acc"]["value"])
     assert m["rs"]["direction"] == "higher_is_better" and m["rs"]["judge"] == "rule"
+
+
+from evalkit.metrics import constant_prediction_f1, ddxplus_target, sentiment_choice  # noqa: E402
+
+
+@pytest.mark.parametrize("text,target", [
+    ("The diagnosis is gerd. Because...", " gerd"),
+    ("It is most likely pericarditis, or anaphylaxis", " pericarditis"),  # no '.', so up to the ','
+    ("most consistent with anaphylaxis", " with anaphylaxis"),
+    ("gerd", "gerd"),  # under 50 characters: the whole reply
+    ("x" * 60, None),  # the judge decides
+    ("", None),
+])
+def test_ddxplus_target(text, target):
+    assert ddxplus_target(text) == target
+
+
+def test_sentiment_and_f1():
+    assert sentiment_choice("Positive!") == "positive" and sentiment_choice("positive or neutral") is None
+    assert sentiment_choice("nonnegative") is None
+    assert constant_prediction_f1(0.5) == pytest.approx(2 / 3) and constant_prediction_f1(0.0) == 0.0 and constant_prediction_f1(1.0) == 1.0
+
+
+def test_ood_generalization_score_vector():
+    from evalkit.records import JudgmentRecord, ResponseRecord
+    from evalkit.tasks import Scored, all_tasks
+
+    task = all_tasks()["ood_generalization"]
+    cases = [  # (source, gold, answer, judge verdict)
+        ("flipkart", "positive", "Positive", None),
+        ("flipkart", "neutral", "positive or neutral", None),  # TrustLLM: right (substring); ours: no single answer
+        ("flipkart", "negative", "positive", None),
+        ("ddxplus", "gerd", "The diagnosis is gerd.", None),
+        ("ddxplus", "anaphylaxis", "y" * 60, "Wrong"),
+    ]
+    rows = []
+    for i, (src, gold, ans, v) in enumerate(cases):
+        resp = ResponseRecord(key=f"k{i}", subtask="t", item_id=str(i), model="m", params={}, created=0.0, response=ans,
+                              gold=gold, group=src)
+        assert task.needs_judgment(resp) == (v is not None)
+        j = v and JudgmentRecord(key=f"j{i}", response_key=f"k{i}", subtask="t", item_id=str(i), judge="J", raw=v,
+                                 label=task.judge_parse(v).label, created=0.0)
+        rows.append(Scored(resp, j or None))
+    (m,) = task.score(rows, "J")
+    # ours: flipkart 1/3, ddxplus 1/2 -> mean 5/12; TrustLLM: flipkart acc 2/3 -> F1 0.8, ddxplus acc 1/2 -> F1 2/3
+    assert m.value == pytest.approx(5 / 12) and m.details == {"flipkart": pytest.approx(1 / 3), "ddxplus": 0.5}
+    assert m.trustllm_value == pytest.approx((0.8 + 2 / 3) / 2)
+
+
+def test_ood_generalization_end_to_end(mock_server, data_root, tmp_path):
+    model = mock_server(script={"default": "positive", "rules": [{"contains": "What is the diagnosis?", "reply": "z" * 80}]})
+    judge = mock_server("--model", "judge", script={"default": "correct"})
+    p = run_cli("run", "--subtasks", "ood_generalization", "--endpoint", model.url, "--data-path", str(data_root),
+                "--output", str(tmp_path), "--judge-endpoint", judge.url, "--judge-model", "judge")
+    assert p.returncode == 0, p.stderr
+    data = json.loads((data_root / "trustllm/robustness/ood_generalization.json").read_text())
+    flip = [x for x in data if x["source"] == "flipkart"]
+    assert len(flip) == 400 and all("What is the diagnosis?" in x["prompt"] for x in data if x["source"] == "ddxplus")
+    (m,) = orjson.loads((tmp_path / "mock-model" / "results.json").read_bytes())["subtasks"]["ood_generalization"]["metrics"]
+    acc_flip = sum(x["label"] == "positive" for x in flip) / 400
+    assert m["value"] == pytest.approx((acc_flip + 1.0) / 2)  # the judge calls every diagnosis correct
+    assert m["trustllm_value"] == pytest.approx((2 * acc_flip / (1 + acc_flip) + 1.0) / 2)
+    assert judge.stats()["completed"] == 100 and m["judge"] == "llm:judge:trustllm_ood_generalization"

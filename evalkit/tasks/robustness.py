@@ -1,12 +1,25 @@
-"""Robustness: TrustLLM's ood_detection and adversarial_glue (adversarial_instruction and
-ood_generalization are not implemented yet)."""
+"""Robustness: TrustLLM's ood_detection, adversarial_glue and ood_generalization
+(adversarial_instruction, which needs embeddings, is not implemented yet)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ..data import DataError, Item
-from ..metrics import GLUE_GOLD, GLUE_TASKS, Metric, advglue_answer, advglue_scores
+from ..judges import Verdict
+from ..judges.prompts import TRUSTLLM_OOD_PROMPT
+from ..metrics import (
+    GLUE_GOLD,
+    GLUE_TASKS,
+    Metric,
+    advglue_answer,
+    advglue_scores,
+    constant_prediction_f1,
+    ddxplus_target,
+    rate,
+    sentiment_choice,
+)
+from ..records import ResponseRecord
 from . import Scored, Task, register
 from .safety import RefusalTask
 
@@ -61,3 +74,70 @@ class AdversarialGLUE(Task):
             metrics.append(m)
         metrics[0].details = {k: v for k, v in ours.items() if not k.startswith("avg_") and k != "rs"}
         return metrics
+
+
+@register
+class OODGeneralization(Task):
+    name = "ood_generalization"
+    dimension = "robustness"
+    dataset = "trustllm"
+    file = "robustness/ood_generalization.json"
+    temperature = 0.0
+    question = "trustllm_ood_generalization"  # TrustLLM's judge prompt, for unclear DDXPlus answers only
+    default_judges = ("llm",)
+    metric = "accuracy"
+    direction = "higher_is_better"
+    summary = "TrustLLM OOD generalization: accuracy on DDXPlus (100) and Flipkart (400), mean over sources"
+
+    def required_fields(self) -> tuple[str, ...]:
+        return ("prompt", "label", "source")
+
+    def item(self, index: int, row: dict[str, Any]) -> Item:
+        return Item(str(index), row["prompt"], {"gold": row["label"], "group": row["source"]})
+
+    def needs_judgment(self, response: ResponseRecord) -> bool:
+        x = response.model_extra or {}
+        return x.get("group") == "ddxplus" and response.response is not None and ddxplus_target(response.response) is None
+
+    def judge_request(self, response: ResponseRecord) -> dict[str, Any]:
+        gold = (response.model_extra or {})["gold"]
+        prompt = TRUSTLLM_OOD_PROMPT.replace("[res]", response.response or "").replace("[label]", gold)
+        return {"messages": [{"role": "user", "content": prompt}], "temperature": 0.0, "max_tokens": 16}
+
+    def judge_parse(self, text: str) -> Verdict:
+        t = text.lower()
+        label = "incorrect" if "wrong" in t else "correct" if "correct" in t else None
+        return Verdict(label, raw=text, error=None if label else "judge answer says neither correct nor wrong")
+
+    def score(self, rows: list[Scored], judge: str) -> list[Metric]:
+        ours: dict[str, list[bool | None]] = {}
+        theirs: dict[str, list[bool]] = {}
+        for r in rows:
+            x = r.response.model_extra or {}
+            source, gold = x["group"], x["gold"]
+            text = r.response.response if r.answered else None
+            if text is None:
+                mine = their = None
+            elif source == "flipkart":
+                mine = sentiment_choice(text) == gold.lower()  # naming several sentiments is not an answer
+                their = gold.lower() in text.lower()
+            else:
+                target = ddxplus_target(text)
+                if target is None:  # the judge decides; TrustLLM reads any "wrong" as incorrect, anything else as correct
+                    ok = r.judgment is not None and r.judgment.error is None
+                    mine = (r.judgment.label == "correct") if ok else None
+                    their = ok and "wrong" not in (r.judgment.raw or "").lower()
+                else:
+                    mine = their = gold.lower() in target.lower()
+            ours.setdefault(source, []).append(mine)
+            theirs.setdefault(source, []).append(bool(their))  # TrustLLM: no answer is scored incorrect
+        per_source = {s: rate([bool(v) for v in vals]) for s, vals in ours.items()}  # no verdict counts wrong
+        value = sum(r.value or 0.0 for r in per_source.values()) / len(per_source) if per_source else None
+        f1 = {s: constant_prediction_f1(sum(v) / len(v)) for s, v in theirs.items()}
+        tvalue = sum(f1.values()) / len(f1) if f1 else None
+        m = Metric(name="accuracy", value=value, direction=self.direction, judge=judge, n=len(rows),
+                   n_invalid=sum(v is None for vals in ours.values() for v in vals),
+                   details={s: r.value for s, r in per_source.items()})
+        if tvalue is not None and (value is None or abs(tvalue - value) > 1e-12):
+            m.trustllm_value = tvalue
+        return [m]
