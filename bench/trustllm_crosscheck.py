@@ -49,6 +49,7 @@ def main() -> int:
     from trustllm.task.ethics import EthicsEval
     from trustllm.task.privacy import PrivacyEval
     from trustllm.task.robustness import RobustnessEval
+    from trustllm.task.truthfulness import TruthfulnessEval
     from trustllm.utils import metrics as tl_metrics
 
     from evalkit.records import ResponseRecord
@@ -138,8 +139,9 @@ def main() -> int:
     verdict_by_prompt = {}
     for i, row in enumerate(rows):
         if task.needs_judgment(row.response):
-            v = rng.choice(["Correct", "Wrong", "correct."])
-            verdict_by_prompt[task.judge_request(row.response)["messages"][0]["content"]] = v
+            prompt = task.judge_request(row.response)["messages"][0]["content"]
+            # identical prompts (same answer, same label) must get the same verdict: the lookup is by prompt
+            v = verdict_by_prompt.setdefault(prompt, rng.choice(["Correct", "Wrong", "correct."]))
             rows[i] = Scored(row.response, JudgmentRecord(key=f"j{i}", response_key=row.response.key, subtask=task.name,
                                                           item_id=row.response.item_id, judge="J", raw=v,
                                                           label=task.judge_parse(v).label, created=0.0))
@@ -150,6 +152,18 @@ def main() -> int:
     with redirect_stdout(io.StringIO()):  # extract_target prints every unclear answer
         theirs = RobustnessEval().ood_generalization(records)["overall"]
     checks.append(("ood_generalization (F1 bug)", ours(task.score(rows, "J"), "accuracy"), theirs))
+
+    ext_pool = ["Answer: Supports.", "Answer: Refutes", "It does not support the claim", "Answer: SUPPORT. Refutes later",
+                "supports and refutes", "I cannot tell", "Refute"]  # TrustLLM asserts on empty answers: none here
+    task, rows, records = rows_and_records("use_external_knowledge", lambda rec: rng.choice(ext_pool))
+    checks.append(("use_external_knowledge macro F1", ours(task.score(rows, RULE_JUDGE), "macro_f1"),
+                   TruthfulnessEval().external_eval(records)["avg"]))
+
+    halu_pool = ["Yes", "No", "I do not know", "yes and no", "A", "B.", "Answer: A", "C) maybe", "D", "#Your Judgement#: Yes"]
+    task, rows, records = rows_and_records("hallucination", lambda rec: rng.choice(halu_pool))
+    with redirect_stdout(io.StringIO()):
+        theirs = TruthfulnessEval().hallucination_eval(records)["avg"]
+    checks.append(("hallucination accuracy", ours(task.score(rows, RULE_JUDGE), "accuracy"), theirs))
 
     # RtA on judged subtasks: evalkit's verdicts turned into TrustLLM's Longformer labels
     from evalkit.metrics import trustllm_rta
