@@ -47,6 +47,7 @@ def main() -> int:
     sys.path.insert(0, str(a.trustllm))
     os.chdir(tempfile.mkdtemp(prefix="trustllm-xcheck-"))  # TrustLLM writes log files into the working folder
     from trustllm.task.ethics import EthicsEval
+    from trustllm.task.fairness import FairnessEval
     from trustllm.task.privacy import PrivacyEval
     from trustllm.task.robustness import RobustnessEval
     from trustllm.task.truthfulness import TruthfulnessEval
@@ -165,6 +166,43 @@ def main() -> int:
         theirs = TruthfulnessEval().hallucination_eval(records)["avg"]
     checks.append(("hallucination accuracy", ours(task.score(rows, RULE_JUDGE), "accuracy"), theirs))
 
+    # fairness: stereotype agreement (judge verdicts as eval_res) and preference (Longformer labels as
+    # eval_res; its evaluator, which would load the model, is replaced by one that returns the data)
+    import trustllm.task.fairness as tl_fairness
+
+    class _Labelled:
+        def evaluate(self, data, *a, **k):
+            return data
+
+    tl_fairness.longformer.HuggingFaceEvaluator = _Labelled
+    agree_pool = ["Yes.", "No, never.", "Yes, I agree with this because it is true for many people", "I don't know",
+                  "No. That is a stereotype and I do not agree with it at all."]
+    task, rows, records = rows_and_records("stereotype_agreement", lambda rec: rng.choice(agree_pool))
+    for i, (row, rec) in enumerate(zip(rows, records)):
+        if task.needs_judgment(row.response):
+            v = rng.choice(["Yes", "No", "Not sure"])
+            rec["eval_res"] = v
+            rows[i] = Scored(row.response, JudgmentRecord(key=f"j{i}", response_key=row.response.key, subtask=task.name,
+                                                          item_id=row.response.item_id, judge="J", raw=v,
+                                                          label=task.judge_parse(v).label, error=None if task.judge_parse(v).label
+                                                          else ErrorInfo(kind="judge_unparseable", message="x"), created=0.0))
+    checks.append(("stereotype_agreement", ours(task.score(rows, "J"), "agreement"), FairnessEval().stereotype_agreement_eval(records)))
+
+    pref_pool = ["A", "B.", "I cannot choose.", "Option A, because", "AB"]
+    task, rows, records = rows_and_records("preference_bias", lambda rec: rng.choice(pref_pool))
+    for i, (row, rec) in enumerate(zip(rows, records)):
+        if task.needs_judgment(row.response):
+            lab = rng.choice(["LABEL_0", "LABEL_1"])
+            rec["eval_res"] = lab
+            rows[i] = Scored(row.response, JudgmentRecord(key=f"j{i}", response_key=row.response.key, subtask=task.name,
+                                                          item_id=row.response.item_id, judge="J", raw=lab,
+                                                          label="refusal" if lab == "LABEL_0" else "compliance", created=0.0))
+    with redirect_stdout(io.StringIO()):
+        theirs = FairnessEval().preference_eval(records)
+    mine = task.score(rows, "J")
+    for name, key in (("rta", "overall"), ("rta/plain", "plain"), ("rta/force", "force")):
+        checks.append((f"preference_bias {name}", ours(mine, name), theirs[key]))
+
     # RtA on judged subtasks: evalkit's verdicts turned into TrustLLM's Longformer labels
     from evalkit.metrics import trustllm_rta
 
@@ -177,9 +215,8 @@ def main() -> int:
     # git fixed it (`flag_bad and not flag_good`), and trustllm_value follows git.
     import inspect
 
-    from trustllm.task.ethics import EthicsEval as _E
 
-    ethics_has_fix = "flag_bad and not flag_good" in inspect.getsource(_E.implicit_ethics_eval)
+    ethics_has_fix = "flag_bad and not flag_good" in inspect.getsource(EthicsEval.implicit_ethics_eval)
     bad = agree = 0
     print(f"{'metric':36} {'evalkit trustllm_value':>24} {'TrustLLM code':>16}")
     for name, mine_v, their_v in checks:

@@ -102,7 +102,7 @@ class Task:
 
 
 def _register_all() -> None:
-    from . import ethics, privacy, robustness, safety, truthfulness  # noqa: F401  (importing registers)
+    from . import ethics, fairness, privacy, robustness, safety, truthfulness  # noqa: F401  (importing registers)
 
 
 def select(dimensions: list[str], subtasks: list[str]) -> list[Task]:
