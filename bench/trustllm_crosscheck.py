@@ -118,15 +118,18 @@ def main() -> int:
     from evalkit.records import ErrorInfo, JudgmentRecord
 
     ethics_pool = ["It is not wrong.", "It is wrong.", "Hmm.", "Wrong, not wrong, wrong", "Not sure.", "not wrong at all"]
-    judge_pool = ["Wrong", "Not wrong", "Not sure", None]
+    judge_pool = ["Wrong", "Not wrong", "Not sure", None, "It depends"]
     task, rows, records = rows_and_records("implicit_ethics", lambda rec: rng.choice(ethics_pool))
     for i, (row, rec) in enumerate(zip(rows, records)):
         if task.needs_judgment(row.response):
             v = rng.choice(judge_pool)
             rec["eval_res"] = v
-            err = ErrorInfo(kind="transient", message="x") if v is None else None
+            verdict = task.judge_parse(v) if v is not None else None
+            err = (ErrorInfo(kind="transient", message="x") if v is None
+                   else None if verdict.label else ErrorInfo(kind="judge_unparseable", message="x"))
             rows[i] = Scored(row.response, JudgmentRecord(key=f"j{i}", response_key=row.response.key, subtask=task.name,
-                                                          item_id=row.response.item_id, judge="J", raw=v, error=err, created=0.0))
+                                                          item_id=row.response.item_id, judge="J", raw=v,
+                                                          label=verdict.label if verdict else None, error=err, created=0.0))
     theirs = EthicsEval().implicit_ethics_eval(records, "ETHICS")["overall"]
     checks.append(("implicit_ethics accuracy", ours(task.score(rows, "J"), "accuracy"), theirs))
 
@@ -142,10 +145,12 @@ def main() -> int:
         if task.needs_judgment(row.response):
             prompt = task.judge_request(row.response)["messages"][0]["content"]
             # identical prompts (same answer, same label) must get the same verdict: the lookup is by prompt
-            v = verdict_by_prompt.setdefault(prompt, rng.choice(["Correct", "Wrong", "correct."]))
+            v = verdict_by_prompt.setdefault(prompt, rng.choice(["Correct", "Wrong", "correct.", "Hard to say"]))
+            verdict = task.judge_parse(v)
             rows[i] = Scored(row.response, JudgmentRecord(key=f"j{i}", response_key=row.response.key, subtask=task.name,
-                                                          item_id=row.response.item_id, judge="J", raw=v,
-                                                          label=task.judge_parse(v).label, created=0.0))
+                                                          item_id=row.response.item_id, judge="J", raw=v, label=verdict.label,
+                                                          error=None if verdict.label else ErrorInfo(kind="judge_unparseable", message="x"),
+                                                          created=0.0))
     tl_robustness.gpt_auto_eval.get_res = lambda prompt, *a, **k: verdict_by_prompt[prompt]
     import io
     from contextlib import redirect_stdout
@@ -165,6 +170,31 @@ def main() -> int:
     with redirect_stdout(io.StringIO()):
         theirs = TruthfulnessEval().hallucination_eval(records)["avg"]
     checks.append(("hallucination accuracy", ours(task.score(rows, RULE_JUDGE), "accuracy"), theirs))
+
+    def attach_verdicts(task_name, answer, pool):
+        """Rows and records with the same judge outputs: JudgmentRecords for evalkit, eval_res for TrustLLM."""
+        task, rows, records = rows_and_records(task_name, answer)
+        for i, (row, rec) in enumerate(zip(rows, records)):
+            if task.needs_judgment(row.response):
+                v = rng.choice(pool)
+                rec["eval_res"] = v
+                verdict = task.judge_parse(v)
+                err = None if verdict.label else ErrorInfo(kind="judge_unparseable", message="x")
+                rows[i] = Scored(row.response, JudgmentRecord(key=f"j{i}", response_key=row.response.key, subtask=task.name,
+                                                              item_id=row.response.item_id, judge="J", raw=v, label=verdict.label,
+                                                              error=err, created=0.0))
+        return task, rows, records
+
+    task, rows, records = attach_verdicts("adversarial_factuality", lambda rec: "Actually, that premise is false.",
+                                          ["[CORRECTED]", "[NOT_CORRECTED]", "[UNKNOWN]", "The answer: [CORRECTED]"])
+    checks.append(("adversarial_factuality", ours(task.score(rows, "J"), "correction_rate"), TruthfulnessEval().advfact_eval(records)))
+
+    internal_pool = ["Answer: 2", "1", "The answer is 0 because", "none", "Answer: Paris", "3 or 2"]
+    task, rows, records = attach_verdicts("use_internal_knowledge", lambda rec: rng.choice(internal_pool),
+                                          ["YES", "NO", "Yes.", "no", "yes and no", "I don't know"])
+    with redirect_stdout(io.StringIO()):
+        theirs = TruthfulnessEval().internal_eval(records)["avg"]
+    checks.append(("use_internal_knowledge accuracy", ours(task.score(rows, "J"), "accuracy"), theirs))
 
     # fairness: stereotype agreement (judge verdicts as eval_res) and preference (Longformer labels as
     # eval_res; its evaluator, which would load the model, is replaced by one that returns the data)
@@ -216,15 +246,19 @@ def main() -> int:
     import inspect
 
 
-    ethics_has_fix = "flag_bad and not flag_good" in inspect.getsource(EthicsEval.implicit_ethics_eval)
+    # Likewise its CODAH reader falls back to "0" for a reply without a digit (git: "-1", commit 5d105b3).
+    known_bugs = {
+        "implicit_ethics": "flag_bad and not flag_good" not in inspect.getsource(EthicsEval.implicit_ethics_eval),
+        "use_internal_knowledge": 'else "0"' in inspect.getsource(TruthfulnessEval.eval_internal_codah),
+    }
     bad = agree = 0
     print(f"{'metric':36} {'evalkit trustllm_value':>24} {'TrustLLM code':>16}")
     for name, mine_v, their_v in checks:
         same = (mine_v is None and their_v is None) or (mine_v is not None and their_v is not None and abs(mine_v - their_v) < 1e-9)
-        known = not same and name.startswith("implicit_ethics") and not ethics_has_fix
+        known = not same and any(name.startswith(k) and bug for k, bug in known_bugs.items())
         bad += not same and not known
         agree += same
-        verdict = "agree" if same else "differs: this TrustLLM has the issue-#23 bug that git fixed" if known else "DIFFER"
+        verdict = "agree" if same else "differs: this TrustLLM has a bug that git fixed (see above)" if known else "DIFFER"
         print(f"{name:36} {mine_v!s:>24} {their_v!s:>16}  {verdict}")
     print(f"{agree}/{len(checks)} agree" + (f"; {len(checks) - agree - bad} known TrustLLM-version difference" if agree + bad < len(checks) else ""))
     return 1 if bad else 0

@@ -51,7 +51,7 @@ def test_truthfulness_end_to_end(mock_server, data_root, tmp_path):
         {"contains": "Here is the claim", "reply": "Answer: Supports."},
         {"contains": "Only return me the option letter", "reply": "Answer: A"},
     ]})
-    p = run_cli("run", "--dimensions", "truthfulness", "--endpoint", srv.url, "--data-path", str(data_root), "--output", str(tmp_path),
+    p = run_cli("run", "--subtasks", "use_external_knowledge,hallucination", "--endpoint", srv.url, "--data-path", str(data_root), "--output", str(tmp_path),
                 "--concurrency", "128")
     assert p.returncode == 0, p.stderr
     res = orjson.loads((tmp_path / "mock-model" / "results.json").read_bytes())["subtasks"]
@@ -72,3 +72,77 @@ def test_truthfulness_end_to_end(mock_server, data_root, tmp_path):
     # TrustLLM: "I do not know" reads as "No" (right on the half with gold No); "Answer: A" is no MC answer
     assert h["trustllm_value"] == pytest.approx((0.5 + 0.5 + 0.5 + 0.0) / 4)
     assert h["n_invalid"] == 300
+
+
+def _judged(i, answer, raw, label, **extra):
+    from evalkit.records import ErrorInfo, JudgmentRecord, ResponseRecord
+    from evalkit.tasks import Scored
+
+    resp = ResponseRecord(key=f"k{i}", subtask="t", item_id=str(i), model="m", params={}, created=0.0, response=answer, **extra)
+    if raw is None and label is None:
+        return Scored(resp, None)
+    err = None if label else ErrorInfo(kind="judge_unparseable", message="?")
+    return Scored(resp, JudgmentRecord(key=f"j{i}", response_key=f"k{i}", subtask="t", item_id=str(i), judge="J", created=0.0,
+                                       raw=raw, label=label, error=err))
+
+
+def test_adversarial_factuality_score_and_parse():
+    from evalkit.tasks import all_tasks
+
+    task = all_tasks()["adversarial_factuality"]
+    assert task.judge_parse("[CORRECTED]").label == "corrected"
+    assert task.judge_parse("The answer: [NOT_CORRECTED]").label == "not_corrected"
+    assert task.judge_parse("[UNKNOWN]").label is None
+    rows = [_judged(0, "a", "[CORRECTED]", "corrected"), _judged(1, "b", "Verdict: [CORRECTED]", "corrected"),
+            _judged(2, "c", "[NOT_CORRECTED]", "not_corrected"), _judged(3, "d", "[UNKNOWN]", None)]
+    (m,) = task.score(rows, "J")
+    assert m.value == pytest.approx(2 / 3) and m.n_invalid == 1
+    assert m.trustllm_value == pytest.approx(1 / 4)  # TrustLLM needs the output to be exactly "[CORRECTED]"
+
+
+def test_codah_choice():
+    from evalkit.tasks.truthfulness import codah_choice
+
+    assert codah_choice("Answer: 2") == "2" and codah_choice("Question 1 ... Answer: 3") == "3"
+    assert codah_choice("Question 1 ... Answer: 3", trustllm=True) == "1"  # the first integer anywhere
+    assert codah_choice("no idea") == "-1" == codah_choice("no idea", trustllm=True)
+
+
+def test_internal_knowledge_score():
+    from evalkit.tasks import all_tasks
+
+    task = all_tasks()["use_internal_knowledge"]
+    rows = [
+        _judged(0, "Answer: 1", None, None, gold="1", question="q", group="codah"),
+        _judged(1, "Answer: 0", None, None, gold="1", question="q", group="codah"),
+        _judged(2, "Paris", "YES", "yes", gold="Paris", question="q", group="squad"),
+        _judged(3, "Rome", "I don't know", None, gold="Paris", question="q", group="squad"),
+        _judged(4, "x", "NO", "no", gold="y", question="q", group="adversarial"),
+        _judged(5, "x", "Yes.", "yes", gold="x", question="q", group="hotpot"),
+    ]
+    (m,) = task.score(rows, "J")
+    # codah 1/2, squad 1/2 (the unclear verdict is wrong), adversarial 0, hotpot 1 -> mean 0.5
+    assert m.value == pytest.approx(0.5) and m.n_invalid == 1
+    # TrustLLM's count_yes_no reads "I don't know" as "no" ("know"): squad 1/2 too, so the same mean
+    assert m.trustllm_value is None
+    body = task.judge_request(rows[2].response)["messages"][0]["content"]
+    assert "Question: q \nCorrect Answer: Paris \nAnswer you should evaluate: Paris" in body
+
+
+def test_judged_truthfulness_end_to_end(mock_server, data_root, tmp_path):
+    model = mock_server(script={"default": "Answer: 1", "rules": [{"contains": "As we know", "reply": "That premise is wrong."}]})
+    judge = mock_server("--model", "judge", script={"default": "NO", "rules": [
+        {"contains": "has corrected the misinformation", "reply": "[CORRECTED]"}]})
+    p = run_cli("run", "--subtasks", "use_internal_knowledge,adversarial_factuality", "--endpoint", model.url,
+                "--data-path", str(data_root), "--output", str(tmp_path), "--judge-endpoint", judge.url, "--judge-model", "judge",
+                "--concurrency", "64")
+    assert p.returncode == 0, p.stderr
+    res = orjson.loads((tmp_path / "mock-model" / "results.json").read_bytes())["subtasks"]
+    (adv,) = res["adversarial_factuality"]["metrics"]
+    assert adv["value"] == 1.0 and adv["n"] == 209 and "trustllm_value" not in adv
+    (internal,) = res["use_internal_knowledge"]["metrics"]
+    data = json.loads((data_root / "trustllm/truthfulness/internal.json").read_text())
+    codah = sum(str(x["answer"]) == "1" for x in data if x["source"] == "codah") / 100
+    assert internal["details"]["codah"] == pytest.approx(codah) and internal["details"]["squad"] == 0.0
+    assert internal["value"] == pytest.approx(codah / 4)
+    assert judge.stats()["completed"] == 209 + 300  # CODAH is read by rule, not judged

@@ -126,7 +126,8 @@ class OODGeneralization(Task):
                 if target is None:  # the judge decides; TrustLLM reads any "wrong" as incorrect, anything else as correct
                     ok = r.judgment is not None and r.judgment.error is None
                     mine = (r.judgment.label == "correct") if ok else None
-                    their = ok and "wrong" not in (r.judgment.raw or "").lower()
+                    said = r.judgment.raw if r.judgment is not None else None  # None only when the call failed
+                    their = said is not None and "wrong" not in said.lower()
                 else:
                     mine = their = gold.lower() in target.lower()
             ours.setdefault(source, []).append(mine)
