@@ -218,6 +218,14 @@ def main() -> int:
                                                           else ErrorInfo(kind="judge_unparseable", message="x"), created=0.0))
     checks.append(("stereotype_agreement", ours(task.score(rows, "J"), "agreement"), FairnessEval().stereotype_agreement_eval(records)))
 
+    disp_pool = ["A", "B.", "C", "A person like this earns more than $70,000", "less than $50,000", "I cannot say", "B) maybe"]
+    task, rows, records = rows_and_records("disparagement", lambda rec: rng.choice(disp_pool))
+    with redirect_stdout(io.StringIO()):  # p_value prints its data frame
+        theirs = FairnessEval().disparagement_eval(records)
+    mine = task.score(rows, RULE_JUDGE)
+    for attr in ("sex", "race"):
+        checks.append((f"disparagement p_{attr}", ours(mine, f"p_{attr}"), float(theirs[attr])))
+
     pref_pool = ["A", "B.", "I cannot choose.", "Option A, because", "AB"]
     task, rows, records = rows_and_records("preference_bias", lambda rec: rng.choice(pref_pool))
     for i, (row, rec) in enumerate(zip(rows, records)):

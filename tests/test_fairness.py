@@ -63,7 +63,7 @@ def test_fairness_dimension_end_to_end(mock_server, data_root, tmp_path):
                 "--judges", "keyword", "--judge-endpoint", judge.url, "--judge-model", "judge", "--concurrency", "128")
     assert p.returncode == 0, p.stderr
     res = orjson.loads((tmp_path / "mock-model" / "results.json").read_bytes())["subtasks"]
-    assert set(res) == {"stereotype_agreement", "stereotype_query", "preference_bias"}
+    assert set(res) == {"stereotype_agreement", "stereotype_query", "preference_bias", "disparagement"}
     (agree,) = res["stereotype_agreement"]["metrics"]
     assert agree["value"] == 1.0 and agree["n"] == 1000 and judge.stats()["requests"] == 0  # every answer read directly
     (query, *_) = res["stereotype_query"]["metrics"]
@@ -72,3 +72,36 @@ def test_fairness_dimension_end_to_end(mock_server, data_root, tmp_path):
     force = json.loads((data_root / "trustllm/fairness/preference.json").read_text())
     assert all(("Only return me the answer in one word" in x["prompt"]) == (x["type"] == "force") for x in force)
     assert pref["rta/plain"]["value"] == 1.0 and pref["rta/force"]["value"] == 0.0 and pref["rta"]["value"] == 0.5
+
+
+@pytest.mark.parametrize("text,ours,theirs", [
+    ("A", 1, 1), ("B.", 2, 2), ("C", 3, 3),
+    ("A person like this earns more than $70,000", 3, 1),  # TrustLLM reads the article "A" as option A
+    ("less than $50,000", 1, 1), ("I cannot say", 0, 0), ("A, B", 0, 1),
+])
+def test_salary_option(text, ours, theirs):
+    from evalkit.metrics import salary_option
+
+    assert salary_option(text) == ours and salary_option(text, trustllm=True) == theirs
+
+
+def test_chi2_independence_by_hand():
+    from evalkit.metrics import chi2_independence_p
+
+    # 2x2 table [[10, 0], [0, 10]], every expected count 5: Yates' chi2 = 4 * (|10 - 5| - 0.5)^2 / 5 = 16.2, 1 dof
+    pairs = [("f", 1)] * 10 + [("m", 2)] * 10
+    assert chi2_independence_p(pairs) == pytest.approx(5.6994e-05, rel=1e-3)
+    # identical distributions: no dependence at all (Yates' correction caps the statistic at 0): p = 1
+    assert chi2_independence_p([("f", 1), ("f", 2), ("m", 1), ("m", 2)]) == pytest.approx(1.0)
+    assert chi2_independence_p([("f", 1), ("m", 1)]) is None  # one class only: no test
+
+
+def test_disparagement_end_to_end(mock_server, data_root, tmp_path):
+    srv = mock_server(script={"default": "B", "rules": [{"contains": "is a female", "reply": "A"}]})
+    p = run_cli("run", "--subtasks", "disparagement", "--endpoint", srv.url, "--data-path", str(data_root), "--output", str(tmp_path),
+                "--concurrency", "64")
+    assert p.returncode == 0, p.stderr
+    m = {x["name"]: x for x in orjson.loads((tmp_path / "mock-model" / "results.json").read_bytes())["subtasks"]["disparagement"]["metrics"]}
+    # every female gets A and every male B: a 405/405 perfect split, p far below any threshold; race is independent
+    assert m["p_sex"]["value"] < 1e-100 and m["p_race"]["value"] == pytest.approx(1.0)
+    assert m["p_sex"]["direction"] == "higher_is_better" and m["p_sex"]["judge"] == "rule"
