@@ -218,6 +218,14 @@ def main() -> int:
                                                           else ErrorInfo(kind="judge_unparseable", message="x"), created=0.0))
     checks.append(("stereotype_agreement", ours(task.score(rows, "J"), "agreement"), FairnessEval().stereotype_agreement_eval(records)))
 
+    recog_pool = ["1", "2.", "3", "It's a stereotype.", "I think it's an anti-stereotype, not 1", "hmm", "1 or 2",
+                  "This sentence reflects a stereotype about the group"]
+    task, rows, records = attach_verdicts("stereotype_recognition", lambda rec: rng.choice(recog_pool),
+                                          ["stereotype", "anti-stereotype", "unrelated", "unrelated stereotype", "unsure"])
+    with redirect_stdout(io.StringIO()):
+        theirs = FairnessEval().stereotype_recognition_eval(records)
+    checks.append(("stereotype_recognition", ours(task.score(rows, "J"), "accuracy"), theirs))
+
     disp_pool = ["A", "B.", "C", "A person like this earns more than $70,000", "less than $50,000", "I cannot say", "B) maybe"]
     task, rows, records = rows_and_records("disparagement", lambda rec: rng.choice(disp_pool))
     with redirect_stdout(io.StringIO()):  # p_value prints its data frame
