@@ -101,6 +101,12 @@ class Task:
         raise NotImplementedError
 
 
+def judge_body(content: str) -> dict[str, Any]:
+    """A request to an LLM judge as TrustLLM sends it (one user turn, temperature 0); 16 tokens
+    hold every label its prompts ask for."""
+    return {"messages": [{"role": "user", "content": content}], "temperature": 0.0, "max_tokens": 16}
+
+
 def _register_all() -> None:
     from . import ethics, fairness, privacy, robustness, safety, truthfulness  # noqa: F401  (importing registers)
 
@@ -131,4 +137,4 @@ def all_tasks() -> dict[str, Task]:
     return TASKS
 
 
-__all__ = ["RULE_JUDGE", "Task", "Scored", "register", "select", "all_tasks", "DIMENSIONS", "DataError", "TaskSelectionError"]
+__all__ = ["judge_body", "RULE_JUDGE", "Task", "Scored", "register", "select", "all_tasks", "DIMENSIONS", "DataError", "TaskSelectionError"]

@@ -16,7 +16,7 @@ from ..metrics import (
 from ..judges import Verdict
 from ..judges.prompts import TRUSTLLM_ETHICS_PROMPT
 from ..records import ResponseRecord
-from . import RULE_JUDGE, Scored, Task, register
+from . import RULE_JUDGE, Scored, Task, judge_body, register
 
 
 @register
@@ -125,8 +125,7 @@ class ImplicitEthics(Task):
 
     def judge_request(self, response: ResponseRecord) -> dict[str, Any]:
         # TrustLLM: the prompt and the answer joined with no separator, one user turn, temperature 0
-        return {"messages": [{"role": "user", "content": TRUSTLLM_ETHICS_PROMPT + (response.response or "")}],
-                "temperature": 0.0, "max_tokens": 16}
+        return judge_body(TRUSTLLM_ETHICS_PROMPT + (response.response or ""))
 
     def judge_parse(self, text: str) -> Verdict:
         t = text.lower()

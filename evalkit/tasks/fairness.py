@@ -9,7 +9,7 @@ from ..judges import Verdict
 from ..judges.prompts import TRUSTLLM_STEREOTYPE_AGREEMENT_PROMPT, TRUSTLLM_STEREOTYPE_RECOGNITION_PROMPT
 from ..metrics import Metric, chi2_independence_p, rate, salary_option, trustllm_rta, yes_no_answer
 from ..records import ResponseRecord
-from . import Scored, Task, register
+from . import Scored, Task, judge_body, register
 from .safety import RefusalTask
 
 
@@ -41,8 +41,7 @@ class StereotypeAgreement(Task):
         return response.response is not None and direct_agreement(response.response) is None
 
     def judge_request(self, response: ResponseRecord) -> dict[str, Any]:
-        return {"messages": [{"role": "user", "content": TRUSTLLM_STEREOTYPE_AGREEMENT_PROMPT + (response.response or "")}],
-                "temperature": 0.0, "max_tokens": 16}
+        return judge_body(TRUSTLLM_STEREOTYPE_AGREEMENT_PROMPT + (response.response or ""))
 
     def judge_parse(self, text: str) -> Verdict:
         answer = yes_no_answer(text)
@@ -219,8 +218,7 @@ class StereotypeRecognition(Task):
         return text is not None and len(text) > 5 and recognition_phrase(text) is None
 
     def judge_request(self, response: ResponseRecord) -> dict[str, Any]:
-        return {"messages": [{"role": "user", "content": TRUSTLLM_STEREOTYPE_RECOGNITION_PROMPT + (response.response or "")}],
-                "temperature": 0.0, "max_tokens": 16}
+        return judge_body(TRUSTLLM_STEREOTYPE_RECOGNITION_PROMPT + (response.response or ""))
 
     def judge_parse(self, text: str) -> Verdict:
         label = recognition_judge_label(text)

@@ -20,7 +20,7 @@ from ..metrics import (
     sentiment_choice,
 )
 from ..records import ResponseRecord
-from . import Scored, Task, register
+from . import Scored, Task, judge_body, register
 from .safety import RefusalTask
 
 
@@ -102,7 +102,7 @@ class OODGeneralization(Task):
     def judge_request(self, response: ResponseRecord) -> dict[str, Any]:
         gold = (response.model_extra or {})["gold"]
         prompt = TRUSTLLM_OOD_PROMPT.replace("[res]", response.response or "").replace("[label]", gold)
-        return {"messages": [{"role": "user", "content": prompt}], "temperature": 0.0, "max_tokens": 16}
+        return judge_body(prompt)
 
     def judge_parse(self, text: str) -> Verdict:
         t = text.lower()

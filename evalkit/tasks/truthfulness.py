@@ -12,7 +12,7 @@ from ..judges import Verdict
 from ..judges.prompts import TRUSTLLM_ADVFACT_PROMPT, TRUSTLLM_QA_PROMPT
 from ..metrics import Metric, claim_verdict, macro_f1, mc_gold_letter, mc_letter, rate, yes_no_answer
 from ..records import ResponseRecord
-from . import Scored, Task, register
+from . import Scored, Task, judge_body, register
 
 
 def _x(r: Scored) -> dict[str, Any]:
@@ -135,7 +135,7 @@ class AdversarialFactuality(Task):
     def judge_request(self, response: ResponseRecord) -> dict[str, Any]:
         prompt = (TRUSTLLM_ADVFACT_PROMPT.replace("[[misinformation]]", str(_x_resp(response)["misinformation"]))
                   .replace("[[user_input]]", _user_text(response)).replace("[[response]]", str(response.response)))
-        return {"messages": [{"role": "user", "content": prompt}], "temperature": 0.0, "max_tokens": 16}
+        return judge_body(prompt)
 
     def judge_parse(self, text: str) -> Verdict:
         found = [lab for tag, lab in (("[NOT_CORRECTED]", "not_corrected"), ("[UNKNOWN]", "unknown")) if tag in text]
@@ -207,7 +207,7 @@ class InternalKnowledge(Task):
         x = _x_resp(response)
         prompt = (TRUSTLLM_QA_PROMPT.replace("[[question]]", x["question"]).replace("[[correct_answer]]", x["gold"])
                   .replace("[[answer]]", str(response.response)))
-        return {"messages": [{"role": "user", "content": prompt}], "temperature": 0.0, "max_tokens": 16}
+        return judge_body(prompt)
 
     def judge_parse(self, text: str) -> Verdict:
         answer = yes_no_answer(text)
