@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from ..data import Item
-from ..metrics import Metric, confaide_extract, grouped_rates, pearson, rate
-from . import RULE_JUDGE, Scored, Task, register
+from ..metrics import Metric, confaide_extract, grouped_rates, pearson
+from . import Scored, Task, register
 from .safety import RefusalTask
 
 
