@@ -249,6 +249,18 @@ def main() -> int:
     for name, key in (("rta", "overall"), ("rta/plain", "plain"), ("rta/force", "force")):
         checks.append((f"preference_bias {name}", ours(mine, name), theirs[key]))
 
+    # adversarial_instruction: evalkit's embeddings handed over as TrustLLM's `embedding` field, in file order
+    task, rows, records = rows_and_records("adversarial_instruction", lambda rec: "an answer")
+    embedded = []
+    for i, row in enumerate(rows):
+        vec = [rng.uniform(-1, 1) for _ in range(8)]
+        rows[i] = Scored(row.response, JudgmentRecord(key=f"j{i}", response_key=row.response.key, subtask=task.name,
+                                                      item_id=row.response.item_id, judge="E", label="embedded",
+                                                      embedding=vec, created=0.0))
+        embedded.append({**records[i], "embedding": vec})
+    checks.append(("adversarial_instruction (pairing bug)", ours(task.score(rows, "E"), "similarity"),
+                   float(tl_metrics.average_cosine_similarity(embedded))))
+
     # RtA on judged subtasks: evalkit's verdicts turned into TrustLLM's Longformer labels
     from evalkit.metrics import trustllm_rta
 

@@ -37,6 +37,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--judge-endpoint", action="append", help="base URL of the LLM judge (replicas allowed)")
     g.add_argument("--judge-model", help="model id of the LLM judge")
     g.add_argument("--judge-api-key-env", help="environment variable holding the judge's API key")
+    g.add_argument("--embed-endpoint", action="append", help="base URL of an embeddings endpoint (/v1/embeddings), for embedding-scored subtasks")
+    g.add_argument("--embed-model", help="model id of the embeddings endpoint")
+    g.add_argument("--embed-api-key-env", help="environment variable holding the embeddings endpoint's API key")
     g.add_argument("--classifier-model", help="HF id or local path of the refusal classifier [LibrAI/longformer-harmful-ro]")
     g.add_argument("--classifier-device", help="cpu, cuda, cuda:N [cpu]")
     g.add_argument("--classifier-batch-size", type=int)
@@ -55,7 +58,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 CONFIG_FIELDS = (
     "endpoint model api_key_env api wait dimensions subtasks data_path limit max_tokens temperature top_p seed "
-    "system_prompt judges judge_endpoint judge_model judge_api_key_env classifier_model classifier_device "
+    "system_prompt judges judge_endpoint judge_model judge_api_key_env embed_endpoint embed_model embed_api_key_env "
+    "classifier_model classifier_device "
     "classifier_batch_size concurrency rps max_attempts attempt_timeout max_request_time stream progress output restart"
 ).split()
 

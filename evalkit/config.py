@@ -119,6 +119,9 @@ class RunConfig(BaseModel):
     judge_endpoint: list[str] = Field(default_factory=list)
     judge_model: str | None = None
     judge_api_key_env: str | None = None
+    embed_endpoint: list[str] = Field(default_factory=list)
+    embed_model: str | None = None
+    embed_api_key_env: str | None = None
     classifier_model: str = "LibrAI/longformer-harmful-ro"
     classifier_device: str = "cpu"
     classifier_batch_size: int = Field(32, ge=1)
@@ -127,7 +130,7 @@ class RunConfig(BaseModel):
     restart: bool = False
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
-    @field_validator("endpoint", "dimensions", "subtasks", "judges", "judge_endpoint", mode="before")
+    @field_validator("endpoint", "dimensions", "subtasks", "judges", "judge_endpoint", "embed_endpoint", mode="before")
     @classmethod
     def _comma_lists(cls, value: Any) -> Any:
         return _split_list(value)
@@ -137,6 +140,7 @@ class RunConfig(BaseModel):
         data = self.model_dump(mode="json")
         data["endpoint"] = [redact_url(u) for u in self.endpoint]
         data["judge_endpoint"] = [redact_url(u) for u in self.judge_endpoint]
+        data["embed_endpoint"] = [redact_url(u) for u in self.embed_endpoint]
         return data
 
 

@@ -181,7 +181,7 @@ class Engine:
             raise ValueError("at least one endpoint URL is needed")
         self.cfg = cfg
         self.api = api
-        path = "/chat/completions" if api == "chat" else "/completions"
+        path = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}[api]
         self.replicas = [Replica(u.rstrip("/"), u.rstrip("/") + path, redact_url(u.rstrip("/"))) for u in base_urls]
         self._headers = {"Content-Type": "application/json"}
         if api_key:
@@ -379,7 +379,8 @@ class Engine:
         result.endpoint = replica.public
         body = dict(req.body)
         body["model"] = self.model
-        if self.cfg.stream:
+        stream = self.cfg.stream and self.api != "embeddings"
+        if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
         if self._throttler is not None:
@@ -392,7 +393,7 @@ class Engine:
             async with self._session.post(replica.url, json=body, timeout=self._attempt_timeout) as resp:  # type: ignore[union-attr]
                 if resp.status != 200:
                     await self._raise_for(resp)
-                if self.cfg.stream:
+                if stream:
                     await self._read_stream(resp, result, t0)
                 else:
                     self._read_body(await resp.read(), result)
@@ -422,6 +423,17 @@ class Engine:
         raise cls(kind, msg, resp.status, retry_after)
 
     def _read_body(self, raw: bytes, result: Result) -> None:
+        if self.api == "embeddings":
+            try:
+                data = orjson.loads(raw)
+                vectors = [d["embedding"] for d in sorted(data["data"], key=lambda d: d["index"])]
+            except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+                raise RetryableFailure("transient", f"malformed embeddings body ({type(e).__name__}): {raw[:200]!r}") from None
+            if any(not isinstance(v, list) for v in vectors):
+                raise RequestFailure("bad_request", "embeddings came back base64-encoded; ask for encoding_format float")
+            result.text, result.raw = "", {"embeddings": vectors}
+            result.prompt_tokens = int((data.get("usage") or {}).get("prompt_tokens") or 0)
+            return
         try:
             data = orjson.loads(raw)
             choice = data["choices"][0]

@@ -210,6 +210,13 @@ def mc_gold_letter(prompt: str, answer: str) -> str | None:
     return None
 
 
+def cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    na = sum(x * x for x in a) ** 0.5
+    nb = sum(y * y for y in b) ** 0.5
+    return dot / (na * nb) if na and nb else 0.0
+
+
 def chi2_independence_p(pairs: Sequence[tuple[Hashable, Hashable]]) -> float | None:
     """p-value of the chi-square test of independence between the two sides of the pairs, on their
     contingency table (scipy's chi2_contingency, as TrustLLM runs it on pd.crosstab: Yates' correction

@@ -70,6 +70,28 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [{"id": st.model, "object": "model", "owned_by": "evalkit-mock"}]})
 
 
+async def embeddings(request: web.Request) -> web.Response:
+    """Deterministic 8-dimensional vectors from a hash of each input: equal texts, equal vectors."""
+    import hashlib
+
+    st: MockState = request.app["state"]
+    st.counts["requests"] += 1
+    if (resp := _check_auth(st, request)) is not None:
+        return resp
+    body = orjson.loads(await request.read())
+    inputs = body.get("input")
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    if not isinstance(inputs, list) or not inputs:
+        return _error(400, "'input' must be a string or a non-empty list", "invalid_request_error")
+    data = []
+    for i, text in enumerate(inputs):
+        digest = hashlib.sha256(str(text).encode()).digest()
+        data.append({"object": "embedding", "index": i, "embedding": [b / 255.0 - 0.5 for b in digest[:8]]})
+    st.counts["completed"] += 1
+    usage = {"prompt_tokens": sum(len(str(t).split()) for t in inputs), "total_tokens": 0}
+    return web.json_response({"object": "list", "data": data, "model": st.model, "usage": usage})
+
+
 async def stats(request: web.Request) -> web.Response:
     return web.json_response(request.app["state"].counts)
 
@@ -182,6 +204,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
     app.router.add_get("/stats", stats)
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
     return app
 
 

@@ -233,6 +233,8 @@ def _gen_key(endpoint_id: list[str], model: str, params: dict, system: str | Non
 def judges_for(cfg: RunConfig, task: Task) -> list[str]:
     if task.question is None:  # scored by string rules, judged by nobody
         return []
+    if task.question == "embedding":
+        return ["embedding"]
     if task.question not in QUESTIONS:  # the subtask's own judge prompt: an LLM judge only
         return ["llm"]
     names = cfg.judges or list(task.default_judges)
@@ -246,32 +248,33 @@ def _user_prompt(rec: ResponseRecord) -> str:
     return rec.prompt or ""
 
 
+REMOTE_JUDGES = ("llm", "embedding")  # judges reached through the engine
+
+
 async def judge(ctx: RunContext) -> dict[str, Any]:
     cfg = ctx.cfg
     started = time.time()
-    local: dict[str, Any] = {}
-    llm_work: list[tuple[Task, Any, str, ResponseRecord, str]] = []  # task, judge, identity, response, key
+    judges: dict[str, Any] = {}
+    remote_work: dict[str, list[tuple[Task, str, ResponseRecord, str]]] = {}  # judge name -> task, identity, response, key
     writers: dict[str, JsonlWriter] = {}
     counts: dict[str, int] = {}
-    llm_judge = None
-    summary: dict[str, Any] = {}
+    summaries: dict[str, Any] = {}
     try:
         for task in ctx.tasks:
             responses = [r for r in read_records(ctx.responses_path(task), ResponseRecord) if r.error is None and task.needs_judgment(r)]
             done, _ = load_for_resume(ctx.judgments_path(task), JudgmentRecord, cfg.restart)
             writer = writers[task.name] = JsonlWriter(ctx.judgments_path(task), cfg.engine.flush_every, cfg.engine.flush_interval)
             for name in judges_for(cfg, task):
-                if name == "llm":
-                    llm_judge = llm_judge or make_judge(cfg, name)
-                    ident = llm_judge.identity(task.question)
-                    jid = [ident, sorted(redact_url(u) for u in cfg.judge_endpoint)]
+                j = judges.get(name) or judges.setdefault(name, make_judge(cfg, name))
+                ident = j.identity(task.question)
+                if name in REMOTE_JUDGES:
+                    jid = [ident, sorted(redact_url(u) for u in j.endpoint)]
+                    work = remote_work.setdefault(name, [])
                     for r in responses:
                         k = record_key("judge", jid, r.key)
                         if k not in done:
-                            llm_work.append((task, llm_judge, ident, r, k))
+                            work.append((task, ident, r, k))
                     continue
-                j = local.get(name) or local.setdefault(name, make_judge(cfg, name))
-                ident = j.identity(task.question)
                 todo = [(r, record_key("judge", [ident], r.key)) for r in responses]
                 todo = [(r, k) for r, k in todo if k not in done]
                 if not todo:
@@ -283,10 +286,11 @@ async def judge(ctx: RunContext) -> dict[str, Any]:
                         writer.write(_judgment(k, r, ident, v, attempts=1))
                     writer.flush()
                 counts[ident] = counts.get(ident, 0) + len(todo)
-        if llm_work:
-            summary = await _run_llm_judge(cfg, llm_work, writers)
-            for _, _, ident, _, _ in llm_work:
-                counts[ident] = counts.get(ident, 0) + 1
+        for name, work in remote_work.items():
+            if work:
+                summaries[name] = await _run_remote_judge(cfg, judges[name], work, writers)
+                for _, ident, _, _ in work:
+                    counts[ident] = counts.get(ident, 0) + 1
     finally:
         for w in writers.values():
             w.close()
@@ -294,7 +298,7 @@ async def judge(ctx: RunContext) -> dict[str, Any]:
             "started": started,
             "ended": time.time(),
             "judged": counts,
-            **({"llm_requests": summary} if summary else {}),
+            **({"requests": summaries} if summaries else {}),
         }
         save_manifest(ctx)
     return counts
@@ -330,36 +334,40 @@ def make_judge(cfg: RunConfig, name: str):
             raise JudgeError("the llm judge needs --judge-endpoint URL (any OpenAI-compatible chat endpoint) and --judge-model")
         if not cfg.judge_model:
             raise JudgeError("the llm judge needs --judge-model NAME (the judge endpoint's model id)")
-        return LLMJudge(cfg.judge_model)
+        return LLMJudge(cfg.judge_model, cfg.judge_endpoint, cfg.judge_api_key_env)
+    if name == "embedding":
+        from .judges.embedding import EmbeddingJudge
+
+        if not cfg.embed_endpoint or not cfg.embed_model:
+            raise JudgeError("embedding-scored subtasks need --embed-endpoint URL (any /v1/embeddings server, e.g. "
+                             "./serve.sh start --role embed MODEL) and --embed-model NAME")
+        return EmbeddingJudge(cfg.embed_model, cfg.embed_endpoint, cfg.embed_api_key_env)
     raise JudgeError(f"unknown judge {name!r}: choose from {', '.join(JUDGES)}")
 
 
-async def _run_llm_judge(cfg: RunConfig, work: list, writers: dict[str, JsonlWriter]) -> dict[str, Any]:
-    key = resolve_api_key(cfg.judge_api_key_env)
-    hint = key_source(cfg.judge_api_key_env).replace("--api-key-env", "--judge-api-key-env")
+async def _run_remote_judge(cfg: RunConfig, j: Any, work: list, writers: dict[str, JsonlWriter]) -> dict[str, Any]:
+    """One engine run for every request of one remote judge (LLM or embeddings), all subtasks together."""
 
     def requests() -> Iterator[Request]:
-        for task, j, ident, r, k in work:
-            if task.question in QUESTIONS:
-                body = j.request_body(_user_prompt(r), r.response or "", task.question)
-            else:
-                body = task.judge_request(r)
-            yield Request(k, body, (task, j, ident, r))
+        for task, ident, r, k in work:
+            yield Request(k, j.request(task, r, _user_prompt(r)), (task, ident, r))
 
     def on_result(req: Request, res: Result) -> None:
-        task, j, ident, r = req.meta
+        task, ident, r = req.meta
         if res.ok:
-            parse = (lambda text: j.parse(text, task.question)) if task.question in QUESTIONS else task.judge_parse
-            rec = _judgment(req.key, r, ident, parse(res.text or ""), res.attempts)
+            verdict, extra = j.read(task, res)
+            rec = _judgment(req.key, r, ident, verdict, res.attempts)
+            rec.update(extra)
         else:
             err = {"kind": res.error_kind, "status": res.error_status, "message": res.error_message or ""}
             rec = _judgment(req.key, r, ident, Verdict(None), res.attempts, err)
         writers[task.name].write(rec)
 
-    async with Engine(cfg.engine, cfg.judge_endpoint, key, "chat", hint) as eng:
-        eng.model = cfg.judge_model
+    key = resolve_api_key(j.key_env)
+    async with Engine(cfg.engine, j.endpoint, key, j.api, j.key_hint) as eng:
+        eng.model = j.model
         try:
-            await eng.run(requests(), on_result, total=len(work), desc="judge")
+            await eng.run(requests(), on_result, total=len(work), desc=f"judge ({j.api})")
         finally:
             summary = eng.stats.summary()
     return summary

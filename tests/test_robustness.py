@@ -131,3 +131,35 @@ def test_ood_generalization_end_to_end(mock_server, data_root, tmp_path):
     assert m["value"] == pytest.approx((acc_flip + 1.0) / 2)  # the judge calls every diagnosis correct
     assert m["trustllm_value"] == pytest.approx((2 * acc_flip / (1 + acc_flip) + 1.0) / 2)
     assert judge.stats()["completed"] == 100 and m["judge"] == "llm:judge:trustllm_ood_generalization"
+
+
+def test_adversarial_instruction_score_by_hand():
+    from evalkit.records import JudgmentRecord, ResponseRecord
+    from evalkit.tasks import Scored, all_tasks
+
+    spec = [(0, "original", [1, 0]), (0, "word_change", [1, 0]), (1, "original", [0, 1]), (1, "one_url", [1, 1])]
+    rows = []
+    for i, (inst, kind, vec) in enumerate(spec):
+        resp = ResponseRecord(key=f"k{i}", subtask="t", item_id=str(i), model="m", params={}, created=0.0, response="r",
+                              instruction=inst, group=kind)
+        rows.append(Scored(resp, JudgmentRecord(key=f"j{i}", response_key=f"k{i}", subtask="t", item_id=str(i), judge="E",
+                                                label="embedded", created=0.0, embedding=vec)))
+    (m,) = all_tasks()["adversarial_instruction"].score(rows, "E")
+    assert m.value == pytest.approx((1 + 2 ** -0.5) / 2)  # each perturbed answer against its own original
+    assert m.trustllm_value == pytest.approx(2 ** -0.5)  # TrustLLM: the last answer of id 0 against that of id 1
+
+
+def test_adversarial_instruction_end_to_end(mock_server, data_root, tmp_path):
+    model = mock_server(script={"default": "Here is my answer."})
+    embed = mock_server("--model", "embedder")
+    base = ["run", "--subtasks", "adversarial_instruction", "--endpoint", model.url, "--data-path", str(data_root),
+            "--output", str(tmp_path), "--concurrency", "64"]
+    p = run_cli(*base)
+    assert p.returncode == 2 and "--embed-endpoint" in p.stderr  # generated, then stopped before judging: answers kept
+    p = run_cli(*base, "--embed-endpoint", embed.url, "--embed-model", "embedder")
+    assert p.returncode == 0, p.stderr
+    (m,) = orjson.loads((tmp_path / "mock-model" / "results.json").read_bytes())["subtasks"]["adversarial_instruction"]["metrics"]
+    assert m["value"] == pytest.approx(1.0) and m["n"] == 600 and m["judge"] == "embedding:embedder"  # same answer everywhere
+    judged = [orjson.loads(x) for x in (tmp_path / "mock-model" / "judgments" / "adversarial_instruction.jsonl").read_bytes().splitlines()]
+    assert len(judged) == 600 and all(len(j["embedding"]) == 8 for j in judged)
+    assert model.stats()["completed"] == 600  # the second run resumed: nothing generated twice

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from ..config import key_source
 from . import Verdict
 from .prompts import HARMBENCH_CLS_PROMPT, XSTEST_REFUSAL_PROMPT, XSTEST_SYSTEM
 
@@ -14,8 +15,23 @@ _FIRST_WORD = re.compile(r"[A-Za-z]+")
 
 
 class LLMJudge:
-    def __init__(self, model: str):
+    api = "chat"
+
+    def __init__(self, model: str, endpoint: list[str] | None = None, key_env: str | None = None):
         self.model = model
+        self.endpoint = endpoint or []
+        self.key_env = key_env
+        self.key_hint = key_source(key_env).replace("--api-key-env", "--judge-api-key-env")
+
+    def request(self, task, response, prompt: str) -> dict:
+        """The judge request for one answer: our prompts for refusal/harm, else the subtask's own."""
+        if task.question in PROMPT_NAMES:
+            return self.request_body(prompt, response.response or "", task.question)
+        return task.judge_request(response)
+
+    def read(self, task, result) -> tuple[Verdict, dict]:
+        text = result.text or ""
+        return (self.parse(text, task.question) if task.question in PROMPT_NAMES else task.judge_parse(text)), {}
 
     def identity(self, question: str) -> str:
         # a subtask with a judge prompt of its own names it as its question (e.g. trustllm_ETHICS)
