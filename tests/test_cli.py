@@ -231,3 +231,25 @@ def test_list_and_unreachable_endpoint(data_root, tmp_path):
     p = run_cli("run", "--subtasks", "advbench", "--endpoint", "http://127.0.0.1:9/v1", "--data-path", str(data_root),
                 "--output", str(tmp_path))
     assert p.returncode == 2 and "cannot reach http://127.0.0.1:9/v1" in p.stderr and "--wait" in p.stderr
+
+
+def test_all_six_dimensions_in_one_run(mock_server, data_root, tmp_path):
+    """The issue's end-to-end shape: every dimension at once, real data, loopback model, judge and embedder."""
+    from evalkit.tasks import all_tasks
+
+    model = mock_server(script=MODEL_SCRIPT)
+    judge = mock_server("--model", "judge", script={"default": "No"})
+    embed = mock_server("--model", "embedder")
+    p = run_cli("run", "--dimensions", "truthfulness,safety,fairness,robustness,privacy,ethics", "--endpoint", model.url,
+                "--data-path", str(data_root), "--output", str(tmp_path), "--judges", "keyword", "--judge-endpoint", judge.url,
+                "--judge-model", "judge", "--embed-endpoint", embed.url, "--embed-model", "embedder", "--concurrency", "256")
+    assert p.returncode == 0, p.stderr
+    res = orjson.loads((tmp_path / "mock-model" / "results.json").read_bytes())["subtasks"]
+    expected = {n for n, t in all_tasks().items() if t.suite == "trustllm"}
+    # 20 of TrustLLM's 22 subtasks (no sycophancy, no toxicity yet), stereotypes split into its 3 parts: 22 entries
+    assert set(res) == expected and len(expected) == 22
+    for name, entry in res.items():
+        assert entry["n_failed_requests"] == 0 and entry["metrics"], name
+        assert all(m["judge"] for m in entry["metrics"])
+    manifest = orjson.loads((tmp_path / "mock-model" / "manifest.json").read_bytes())
+    assert all(d["matches_registry"] for d in manifest["datasets"].values())
