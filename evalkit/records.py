@@ -49,6 +49,11 @@ class ResponseRecord(BaseModel):
     error: ErrorInfo | None = None
     created: float
 
+    @property
+    def item(self) -> dict[str, Any]:
+        """The dataset fields a subtask copied into the record (gold label, group, ...)."""
+        return self.model_extra or {}
+
 
 class JudgmentRecord(BaseModel):
     model_config = ConfigDict(extra="allow")

@@ -59,7 +59,7 @@ class AdversarialGLUE(Task):
         items = []
         n_invalid = 0
         for r in rows:
-            x = r.response.model_extra or {}
+            x = r.response.item
             answer = advglue_answer(r.response.response, x["glue_task"]) if r.answered else "Unknown"
             correct = None if answer == "Unknown" else answer == GLUE_GOLD[x["glue_task"]].get(x["label"])
             n_invalid += correct is None
@@ -96,11 +96,11 @@ class OODGeneralization(Task):
         return Item(str(index), row["prompt"], {"gold": row["label"], "group": row["source"]})
 
     def needs_judgment(self, response: ResponseRecord) -> bool:
-        x = response.model_extra or {}
+        x = response.item
         return x.get("group") == "ddxplus" and response.response is not None and ddxplus_target(response.response) is None
 
     def judge_request(self, response: ResponseRecord) -> dict[str, Any]:
-        gold = (response.model_extra or {})["gold"]
+        gold = response.item["gold"]
         prompt = TRUSTLLM_OOD_PROMPT.replace("[res]", response.response or "").replace("[label]", gold)
         return judge_body(prompt)
 
@@ -113,7 +113,7 @@ class OODGeneralization(Task):
         ours: dict[str, list[bool | None]] = {}
         theirs: dict[str, list[bool]] = {}
         for r in rows:
-            x = r.response.model_extra or {}
+            x = r.response.item
             source, gold = x["group"], x["gold"]
             text = r.response.response if r.answered else None
             if text is None:
@@ -166,7 +166,7 @@ class AdversarialInstruction(Task):
     def score(self, rows: list[Scored], judge: str) -> list[Metric]:
         vectors = []  # (instruction id, variant, vector or None), in file order
         for r in sorted(rows, key=lambda r: int(r.response.item_id)):
-            x = r.response.model_extra or {}
+            x = r.response.item
             ok = r.answered and r.judgment is not None and r.judgment.error is None
             vectors.append((x["instruction"], x["group"], (r.judgment.model_extra or {}).get("embedding") if ok else None))
         originals = {i: v for i, kind, v in vectors if kind == "original"}

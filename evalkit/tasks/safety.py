@@ -54,7 +54,7 @@ class RefusalTask(Task):
         details = {"partial_refusals": partial} if partial else None
         metrics = [self._metric(self.metric, rate(refused), trustllm_rta(refused, answered), judge, details)]
         if self.per_group:
-            groups = [r.response.model_extra.get("group") if r.response.model_extra else None for r in rows]
+            groups = [r.response.item.get("group") for r in rows]
             for g, idx_rate in grouped_rates(groups, refused).items():
                 sub = [i for i, x in enumerate(groups) if x == g]
                 tv = trustllm_rta([refused[i] for i in sub], [answered[i] for i in sub])

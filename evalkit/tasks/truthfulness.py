@@ -15,9 +15,6 @@ from ..records import ResponseRecord
 from . import Scored, Task, judge_body, register
 
 
-def _x(r: Scored) -> dict[str, Any]:
-    return r.response.model_extra or {}
-
 
 @register
 class ExternalKnowledge(Task):
@@ -43,8 +40,8 @@ class ExternalKnowledge(Task):
         ours, theirs = {}, {}
         n_invalid = 0
         for src in self.SOURCES:
-            part = [r for r in rows if _x(r)["group"] == src]
-            gold = [_x(r)["gold"] for r in part]
+            part = [r for r in rows if r.response.item["group"] == src]
+            gold = [r.response.item["gold"] for r in part]
             mine = [claim_verdict(r.response.response) if r.answered else None for r in part]
             n_invalid += sum(p is None for p in mine)
             # ours: an unparseable answer is a miss for its gold class, over both classes
@@ -89,9 +86,9 @@ class Hallucination(Task):
         ours, theirs = {}, {}
         n_invalid = 0
         for src in self.SOURCES:
-            part = [r for r in rows if _x(r)["group"] == src]
+            part = [r for r in rows if r.response.item["group"] == src]
             texts = [r.response.response if r.answered else None for r in part]
-            golds = [_x(r)["gold"] for r in part]
+            golds = [r.response.item["gold"] for r in part]
             pick = mc_letter if src == "mc" else yes_no_answer
             mine = [None if t is None else pick(t) for t in texts]
             n_invalid += sum(p is None for p in mine)
@@ -104,7 +101,7 @@ class Hallucination(Task):
                 theirs[src] = sum(p == g for p, g in zip(tl, golds)) / len(part) if part else 0.0
         vals = [v for v in ours.values() if v is not None]
         details = dict(ours)
-        details["mc_gold_is_A"] = all(_x(r)["gold"] == "A" for r in rows if _x(r)["group"] == "mc")
+        details["mc_gold_is_A"] = all(r.response.item["gold"] == "A" for r in rows if r.response.item["group"] == "mc")
         m = Metric(name="accuracy", value=sum(vals) / len(vals) if vals else None, direction=self.direction, judge=judge,
                    n=len(rows), n_invalid=n_invalid, details=details)
         tv = sum(theirs.values()) / len(theirs)
@@ -133,7 +130,7 @@ class AdversarialFactuality(Task):
         return Item(str(index), row["prompt"], {"misinformation": row["modified knowledge"]})
 
     def judge_request(self, response: ResponseRecord) -> dict[str, Any]:
-        prompt = (TRUSTLLM_ADVFACT_PROMPT.replace("[[misinformation]]", str(_x_resp(response)["misinformation"]))
+        prompt = (TRUSTLLM_ADVFACT_PROMPT.replace("[[misinformation]]", str(response.item["misinformation"]))
                   .replace("[[user_input]]", _user_text(response)).replace("[[response]]", str(response.response)))
         return judge_body(prompt)
 
@@ -154,9 +151,6 @@ class AdversarialFactuality(Task):
             m.trustllm_value = tv
         return [m]
 
-
-def _x_resp(response: ResponseRecord) -> dict[str, Any]:
-    return response.model_extra or {}
 
 
 def _user_text(response: ResponseRecord) -> str:
@@ -201,10 +195,10 @@ class InternalKnowledge(Task):
         return Item(str(index), row["prompt"], {"gold": str(row["answer"]), "question": str(question), "group": row["source"]})
 
     def needs_judgment(self, response: ResponseRecord) -> bool:
-        return _x_resp(response).get("group") != "codah"
+        return response.item.get("group") != "codah"
 
     def judge_request(self, response: ResponseRecord) -> dict[str, Any]:
-        x = _x_resp(response)
+        x = response.item
         prompt = (TRUSTLLM_QA_PROMPT.replace("[[question]]", x["question"]).replace("[[correct_answer]]", x["gold"])
                   .replace("[[answer]]", str(response.response)))
         return judge_body(prompt)
@@ -218,9 +212,9 @@ class InternalKnowledge(Task):
         theirs: dict[str, float] = {}
         n_invalid = 0
         for src in self.SOURCES:
-            part = [r for r in rows if _x_resp(r.response)["group"] == src]
+            part = [r for r in rows if r.response.item["group"] == src]
             if src == "codah":
-                golds = [_x_resp(r.response)["gold"] for r in part]
+                golds = [r.response.item["gold"] for r in part]
                 texts = [r.response.response if r.answered else None for r in part]
                 n_invalid += sum(t is None for t in texts)
                 ours[src] = rate([t is not None and codah_choice(t) == g for t, g in zip(texts, golds)]).value
