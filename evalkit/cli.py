@@ -43,6 +43,12 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--classifier-model", help="HF id or local path of the refusal classifier [LibrAI/longformer-harmful-ro]")
     g.add_argument("--classifier-device", help="cpu, cuda, cuda:N [cpu]")
     g.add_argument("--classifier-batch-size", type=int)
+    g.add_argument("--toxicity-judges", help="comma list of toxicity_classifier, perspective, llm [toxicity_classifier]")
+    g.add_argument("--toxicity-model", help="HF id or local path of the toxicity classifier [unitary/toxic-bert]")
+    g.add_argument("--toxicity-label", help="the classifier's toxic label, whose probability is the score [toxic]")
+    g.add_argument("--perspective-endpoint", action="append", help="Perspective API base URL (a stand-in for tests) "
+                   "[https://commentanalyzer.googleapis.com/v1alpha1]")
+    g.add_argument("--perspective-api-key-env", help="environment variable holding the Perspective key [PERSPECTIVE_API_KEY]")
     g = p.add_argument_group("engine")
     g.add_argument("--concurrency", type=int, help="requests in flight [64]")
     g.add_argument("--rps", type=float, help="max requests started per second [unlimited]")
@@ -59,7 +65,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 CONFIG_FIELDS = (
     "endpoint model api_key_env api wait dimensions subtasks data_path limit max_tokens temperature top_p seed "
     "system_prompt judges judge_endpoint judge_model judge_api_key_env embed_endpoint embed_model embed_api_key_env "
-    "classifier_model classifier_device "
+    "classifier_model classifier_device toxicity_judges toxicity_model toxicity_label perspective_endpoint perspective_api_key_env "
     "classifier_batch_size concurrency rps max_attempts attempt_timeout max_request_time stream progress output restart"
 ).split()
 

@@ -50,16 +50,18 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def resolve_api_key(env_name: str | None) -> str | None:
-    """The key from the named variable, else EVALKIT_API_KEY, else OPENAI_API_KEY."""
+def resolve_api_key(env_name: str | None, option: str = "--api-key-env", fallback: bool = True) -> str | None:
+    """The key from the named variable, else (fallback) EVALKIT_API_KEY, else OPENAI_API_KEY."""
     if env_name:
         key = os.environ.get(env_name)
         if not key:
             raise ConfigError(
-                f"--api-key-env names ${env_name}, but that variable is empty or unset: "
-                f"export {env_name}=<your key>, or drop --api-key-env for an endpoint without a key"
+                f"{option} names ${env_name}, but that variable is empty or unset: "
+                f"export {env_name}=<your key>, or name another variable with {option}"
             )
         return key
+    if not fallback:
+        return None
     for name in KEY_ENV_FALLBACKS:
         if os.environ.get(name):
             return os.environ[name]
@@ -125,12 +127,18 @@ class RunConfig(BaseModel):
     classifier_model: str = "LibrAI/longformer-harmful-ro"
     classifier_device: str = "cpu"
     classifier_batch_size: int = Field(32, ge=1)
+    toxicity_judges: list[str] = Field(default_factory=list)
+    toxicity_model: str = "unitary/toxic-bert"
+    toxicity_label: str = "toxic"
+    perspective_endpoint: list[str] = Field(default_factory=lambda: ["https://commentanalyzer.googleapis.com/v1alpha1"])
+    perspective_api_key_env: str = "PERSPECTIVE_API_KEY"
     # output
     output: Path = Path("runs")
     restart: bool = False
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
-    @field_validator("endpoint", "dimensions", "subtasks", "judges", "judge_endpoint", "embed_endpoint", mode="before")
+    @field_validator("endpoint", "dimensions", "subtasks", "judges", "judge_endpoint", "embed_endpoint", "toxicity_judges",
+                     "perspective_endpoint", mode="before")
     @classmethod
     def _comma_lists(cls, value: Any) -> Any:
         return _split_list(value)
@@ -141,6 +149,7 @@ class RunConfig(BaseModel):
         data["endpoint"] = [redact_url(u) for u in self.endpoint]
         data["judge_endpoint"] = [redact_url(u) for u in self.judge_endpoint]
         data["embed_endpoint"] = [redact_url(u) for u in self.embed_endpoint]
+        data["perspective_endpoint"] = [redact_url(u) for u in self.perspective_endpoint]
         return data
 
 

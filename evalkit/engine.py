@@ -166,6 +166,12 @@ def percentiles(values: array | list[float]) -> dict[str, float] | None:
     return {"mean": round(sum(s) / len(s), 6), "p50": pick(50), "p90": pick(90), "p99": pick(99), "max": round(s[-1], 6)}
 
 
+# request path under each base URL; "perspective" is Google's comments:analyze (toxicity judge)
+API_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
+             "perspective": "/comments:analyze"}
+OPENAI_APIS = ("chat", "completions", "embeddings")
+
+
 class Engine:
     """Send many requests to one model (one or several replica URLs) and hand back results."""
 
@@ -181,11 +187,15 @@ class Engine:
             raise ValueError("at least one endpoint URL is needed")
         self.cfg = cfg
         self.api = api
-        path = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}[api]
+        path = API_PATHS[api]
         self.replicas = [Replica(u.rstrip("/"), u.rstrip("/") + path, redact_url(u.rstrip("/"))) for u in base_urls]
         self._headers = {"Content-Type": "application/json"}
         if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+            # Google APIs take the key in a header of their own (never in the URL, where logs would keep it)
+            if api == "perspective":
+                self._headers["X-Goog-Api-Key"] = api_key
+            else:
+                self._headers["Authorization"] = f"Bearer {api_key}"
         self._key_hint = key_hint or key_source(None)
         self._throttler = Throttler(rate_limit=cfg.rps, period=1.0) if cfg.rps else None
         # total covers one attempt only: the connector has a slot for every worker, so no time
@@ -259,7 +269,7 @@ class Engine:
         Raises FatalAuthError after in-flight work is cancelled; everything on_result received
         before that is the caller's to keep (it is already written).
         """
-        assert self._session is not None and self.model, "use `async with Engine(...)` and set .model"
+        assert self._session is not None and (self.model or self.api not in OPENAI_APIS), "use `async with Engine(...)` and set .model"
         self.stats = stats = Stats()
         queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=2 * self.cfg.concurrency)
         fatal: list[BaseException] = []
@@ -378,8 +388,9 @@ class Engine:
         replica = self._pick_replica()
         result.endpoint = replica.public
         body = dict(req.body)
-        body["model"] = self.model
-        stream = self.cfg.stream and self.api != "embeddings"
+        if self.api in OPENAI_APIS:
+            body["model"] = self.model
+        stream = self.cfg.stream and self.api in ("chat", "completions")
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
@@ -423,6 +434,12 @@ class Engine:
         raise cls(kind, msg, resp.status, retry_after)
 
     def _read_body(self, raw: bytes, result: Result) -> None:
+        if self.api not in OPENAI_APIS:  # another JSON API: the caller reads result.raw
+            try:
+                result.text, result.raw = "", orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise RetryableFailure("transient", f"malformed JSON body: {raw[:200]!r}") from None
+            return
         if self.api == "embeddings":
             try:
                 data = orjson.loads(raw)

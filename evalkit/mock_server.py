@@ -4,7 +4,9 @@
 
 It answers /v1/models, /v1/chat/completions and /v1/completions (plain and SSE streaming) with
 scripted replies, after a configurable latency, and injects faults at a given rate: 429 with
-Retry-After, 500, a dropped connection, or a hang. GET /stats reports what it saw (requests,
+Retry-After, 500, a dropped connection, or a hang. It also stands in for Google's Perspective API
+(POST /v1alpha1/comments:analyze, key in X-Goog-Api-Key): a text's TOXICITY is 0.25 per
+occurrence of "toxic" (any case), capped at 1; each paragraph is a span with its own score. GET /stats reports what it saw (requests,
 faults, peak concurrency), which tests and benchmarks read to check the client's behaviour.
 
 Script file (JSON): {"default": "text", "rules": [{"contains": "bomb", "reply": "I'm sorry"}]};
@@ -90,6 +92,30 @@ async def embeddings(request: web.Request) -> web.Response:
     st.counts["completed"] += 1
     usage = {"prompt_tokens": sum(len(str(t).split()) for t in inputs), "total_tokens": 0}
     return web.json_response({"object": "list", "data": data, "model": st.model, "usage": usage})
+
+
+def _mock_toxicity(text: str) -> float:
+    return min(1.0, 0.25 * text.lower().count("toxic"))
+
+
+async def perspective(request: web.Request) -> web.Response:
+    st: MockState = request.app["state"]
+    st.counts["requests"] += 1
+    if st.api_key is not None and request.headers.get("X-Goog-Api-Key") != st.api_key:
+        return web.json_response({"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
+                                            "status": "INVALID_ARGUMENT"}}, status=400)
+    body = orjson.loads(await request.read())
+    text = (body.get("comment") or {}).get("text")
+    if not isinstance(text, str) or "TOXICITY" not in (body.get("requestedAttributes") or {}):
+        return web.json_response({"error": {"code": 400, "message": "comment.text and requestedAttributes.TOXICITY are required",
+                                            "status": "INVALID_ARGUMENT"}}, status=400)
+    spans, at = [], 0
+    for para in text.split("\n\n"):
+        spans.append({"begin": at, "end": at + len(para), "score": {"value": _mock_toxicity(para), "type": "PROBABILITY"}})
+        at += len(para) + 2
+    st.counts["completed"] += 1
+    return web.json_response({"attributeScores": {"TOXICITY": {
+        "spanScores": spans, "summaryScore": {"value": _mock_toxicity(text), "type": "PROBABILITY"}}}, "languages": ["en"]})
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -205,6 +231,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1alpha1/comments:analyze", perspective)
     return app
 
 

@@ -24,7 +24,7 @@ import orjson
 from .config import ConfigError, RunConfig, key_source, redact_url, resolve_api_key
 from .data import Item, resolve_data_root, sha256_file
 from .engine import Engine, FatalAuthError, Request, RequestFailure, Result
-from .judges import JUDGES, QUESTIONS, JudgeError, Verdict, check_judge_names
+from .judges import JUDGES, QUESTIONS, TOXICITY_JUDGES, JudgeError, Verdict, check_judge_names, user_prompt
 from .metrics import Metric
 from .records import JsonlWriter, JudgmentRecord, ResponseRecord, load_for_resume, read_records, record_key
 from .tasks import RULE_JUDGE, Scored, Task
@@ -46,7 +46,7 @@ class RunContext:
     manifest: dict[str, Any] = field(default_factory=dict)
 
     def responses_path(self, task: Task) -> Path:
-        return self.run_dir / "responses" / f"{task.name}.jsonl"
+        return self.run_dir / "responses" / f"{task.responses_of or task.name}.jsonl"
 
     def judgments_path(self, task: Task) -> Path:
         return self.run_dir / "judgments" / f"{task.name}.jsonl"
@@ -145,6 +145,8 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
     writers: dict[str, JsonlWriter] = {}
     total = 0
     for task in ctx.tasks:
+        if task.responses_of:  # judges the answers generated for another subtask (selected with it)
+            continue
         all_items = task.load(root)
         params = generation_params(cfg, task)
         system = system_override if system_override is not None else task.system_prompt
@@ -237,18 +239,18 @@ def judges_for(cfg: RunConfig, task: Task) -> list[str]:
         return ["embedding"]
     if task.question not in QUESTIONS:  # the subtask's own judge prompt: an LLM judge only
         return ["llm"]
+    if task.question == "toxicity":
+        names = cfg.toxicity_judges or list(task.default_judges)
+        check_judge_names(names, TOXICITY_JUDGES, "--toxicity-judges")
+        return names
     names = cfg.judges or list(task.default_judges)
     check_judge_names(names)
     return names
 
 
-def _user_prompt(rec: ResponseRecord) -> str:
-    if rec.messages:
-        return next((m["content"] for m in reversed(rec.messages) if m.get("role") == "user"), "")
-    return rec.prompt or ""
-
-
-REMOTE_JUDGES = ("llm", "embedding")  # judges reached through the engine
+def _is_remote(judge: Any) -> bool:
+    """Remote judges (LLM, Perspective, embeddings endpoint) run through the engine."""
+    return hasattr(judge, "request")
 
 
 async def judge(ctx: RunContext) -> dict[str, Any]:
@@ -261,27 +263,26 @@ async def judge(ctx: RunContext) -> dict[str, Any]:
     summaries: dict[str, Any] = {}
     try:
         for task in ctx.tasks:
-            responses = [r for r in read_records(ctx.responses_path(task), ResponseRecord) if r.error is None and task.needs_judgment(r)]
+            inputs = task.judge_inputs([r for r in read_records(ctx.responses_path(task), ResponseRecord) if r.error is None])
             done, _ = load_for_resume(ctx.judgments_path(task), JudgmentRecord, cfg.restart)
             writer = writers[task.name] = JsonlWriter(ctx.judgments_path(task), cfg.engine.flush_every, cfg.engine.flush_interval)
             for name in judges_for(cfg, task):
                 j = judges.get(name) or judges.setdefault(name, make_judge(cfg, name))
                 ident = j.identity(task.question)
-                if name in REMOTE_JUDGES:
+                if _is_remote(j):
                     jid = [ident, sorted(redact_url(u) for u in j.endpoint)]
                     work = remote_work.setdefault(name, [])
-                    for r in responses:
-                        k = record_key("judge", jid, r.key)
+                    for r, c in inputs:
+                        k = _judge_key(jid, r, c)
                         if k not in done:
-                            work.append((task, ident, r, k))
+                            work.append((task, ident, r, c, k))
                     continue
-                todo = [(r, record_key("judge", [ident], r.key)) for r in responses]
-                todo = [(r, k) for r, k in todo if k not in done]
+                todo = [(r, k) for r, c in inputs if (k := _judge_key([ident], r, c)) not in done]
                 if not todo:
                     continue
                 for start in range(0, len(todo), LOCAL_JUDGE_CHUNK):  # written chunk by chunk: a crash loses little
                     chunk = todo[start : start + LOCAL_JUDGE_CHUNK]
-                    verdicts = j.judge([_user_prompt(r) for r, _ in chunk], [r.response or "" for r, _ in chunk], task.question)
+                    verdicts = j.judge(task, [r for r, _ in chunk])
                     for (r, k), v in zip(chunk, verdicts):
                         writer.write(_judgment(k, r, ident, v, attempts=1))
                     writer.flush()
@@ -289,7 +290,7 @@ async def judge(ctx: RunContext) -> dict[str, Any]:
         for name, work in remote_work.items():
             if work:
                 summaries[name] = await _run_remote_judge(cfg, judges[name], work, writers)
-                for _, ident, _, _ in work:
+                for _, ident, *_ in work:
                     counts[ident] = counts.get(ident, 0) + 1
     finally:
         for w in writers.values():
@@ -304,6 +305,10 @@ async def judge(ctx: RunContext) -> dict[str, Any]:
     return counts
 
 
+def _judge_key(judge_id: list, r: ResponseRecord, context: ResponseRecord | None) -> str:
+    return record_key("judge", judge_id, r.key) if context is None else record_key("judge", judge_id, r.key, context.key)
+
+
 def _judgment(key: str, r: ResponseRecord, ident: str, v: Verdict, attempts: int, error: dict | None = None) -> dict[str, Any]:
     """A dict in JudgmentRecord's shape; a missing verdict always carries an error."""
     if error is None and v.label is None:
@@ -312,6 +317,8 @@ def _judgment(key: str, r: ResponseRecord, ident: str, v: Verdict, attempts: int
     for name, value in (("label", v.label), ("raw", v.raw), ("score", v.score), ("error", error)):
         if value is not None:
             rec[name] = value
+    if v.extra:
+        rec.update(v.extra)
     rec["attempts"] = attempts
     rec["created"] = time.time()
     return rec
@@ -336,34 +343,41 @@ def make_judge(cfg: RunConfig, name: str):
             raise JudgeError("the llm judge needs --judge-model NAME (the judge endpoint's model id)")
         return LLMJudge(cfg.judge_model, cfg.judge_endpoint, cfg.judge_api_key_env)
     if name == "embedding":
-        from .judges.embedding import EmbeddingJudge
+        from .judges.embedding import EmbeddingJudge, LocalEmbeddingJudge
 
-        if not cfg.embed_endpoint or not cfg.embed_model:
-            raise JudgeError("embedding-scored subtasks need --embed-endpoint URL (any /v1/embeddings server, e.g. "
-                             "./serve.sh start --role embed MODEL) and --embed-model NAME")
+        if not cfg.embed_endpoint:  # in-process sentence-transformers (offline default: bundled MiniLM)
+            return LocalEmbeddingJudge(cfg.embed_model, cfg.classifier_device, cfg.classifier_batch_size)
+        if not cfg.embed_model:
+            raise JudgeError("--embed-endpoint needs --embed-model NAME (the embeddings endpoint's model id)")
         return EmbeddingJudge(cfg.embed_model, cfg.embed_endpoint, cfg.embed_api_key_env)
-    raise JudgeError(f"unknown judge {name!r}: choose from {', '.join(JUDGES)}")
+    if name == "perspective":
+        from .judges.toxicity import PerspectiveJudge
+
+        return PerspectiveJudge(cfg.perspective_endpoint, cfg.perspective_api_key_env)
+    if name == "toxicity_classifier":
+        from .judges.toxicity import ToxicityClassifierJudge
+
+        return ToxicityClassifierJudge(cfg.toxicity_model, cfg.toxicity_label, cfg.classifier_device, cfg.classifier_batch_size)
+    raise JudgeError(f"unknown judge {name!r}: choose from {', '.join(JUDGES + TOXICITY_JUDGES)}")
 
 
 async def _run_remote_judge(cfg: RunConfig, j: Any, work: list, writers: dict[str, JsonlWriter]) -> dict[str, Any]:
     """One engine run for every request of one remote judge (LLM or embeddings), all subtasks together."""
 
     def requests() -> Iterator[Request]:
-        for task, ident, r, k in work:
-            yield Request(k, j.request(task, r, _user_prompt(r)), (task, ident, r))
+        for task, ident, r, c, k in work:
+            yield Request(k, j.request(task, r, c), (task, ident, r))
 
     def on_result(req: Request, res: Result) -> None:
         task, ident, r = req.meta
         if res.ok:
-            verdict, extra = j.read(task, res)
-            rec = _judgment(req.key, r, ident, verdict, res.attempts)
-            rec.update(extra)
+            rec = _judgment(req.key, r, ident, j.read(task, res), res.attempts)
         else:
             err = {"kind": res.error_kind, "status": res.error_status, "message": res.error_message or ""}
             rec = _judgment(req.key, r, ident, Verdict(None), res.attempts, err)
         writers[task.name].write(rec)
 
-    key = resolve_api_key(j.key_env)
+    key = resolve_api_key(j.key_env, j.key_option, fallback=j.api != "perspective")
     async with Engine(cfg.engine, j.endpoint, key, j.api, j.key_hint) as eng:
         eng.model = j.model
         try:
@@ -374,6 +388,15 @@ async def _run_remote_judge(cfg: RunConfig, j: Any, work: list, writers: dict[st
 
 
 # -- stage 3: score --------------------------------------------------------------------------
+
+
+def _refusals_of(ctx: RunContext, source_name: str) -> dict[str, bool]:
+    """response key -> refused?, by the first refusal judge of the subtask that generated the
+    answers (toxicity averages only the answers jailbreak's judge did not call refusals)."""
+    source = next(t for t in ctx.tasks if t.name == source_name)
+    ident = make_judge(ctx.cfg, judges_for(ctx.cfg, source)[0]).identity(source.question)
+    return {j.response_key: j.label == "refusal" for j in read_records(ctx.judgments_path(source), JudgmentRecord)
+            if j.judge == ident and j.error is None}
 
 
 def score(ctx: RunContext) -> dict[str, Any]:
@@ -391,11 +414,13 @@ def score(ctx: RunContext) -> dict[str, Any]:
         metrics: list[Metric] = []
         if task.question is None:
             metrics.extend(task.score([Scored(r, None) for r in responses], RULE_JUDGE))
+        refused = _refusals_of(ctx, task.responses_of) if task.responses_of else {}
+        expected = {r.key for r, _ in task.judge_inputs([r for r in responses if r.error is None])}
         for name in judges_for(cfg, task):
             ident = make_judge(cfg, name).identity(task.question)
             by_response = {j.response_key: j for j in judgments if j.judge == ident}
-            rows = [Scored(r, by_response.get(r.key)) for r in responses]
-            missing = sum(1 for s in rows if s.answered and s.judgment is None and task.needs_judgment(s.response))
+            rows = [Scored(r, by_response.get(r.key), refused.get(r.key)) for r in responses]
+            missing = sum(1 for s in rows if s.answered and s.judgment is None and s.response.key in expected)
             if missing:
                 raise ConfigError(f"{missing} {task.name} responses have no {ident} judgment: run `evalkit evaluate` to judge them")
             seen = {(m.name, m.judge) for m in metrics}

@@ -15,14 +15,15 @@ transformers = pytest.importorskip("transformers")
 WORDS = "i am sorry cannot help with that sure here is how to do it".split()
 
 
-def tiny_classifier(path: Path, refusal_bias: float) -> Path:
-    """A 1-layer BERT classifier whose output is decided by its bias: +bias favours LABEL_0 (refusal)."""
+def tiny_classifier(path: Path, refusal_bias: float, id2label: dict[int, str] | None = None) -> Path:
+    """A 1-layer BERT classifier whose output is decided by its bias: +bias favours label 0 (LABEL_0: refusal)."""
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     path.mkdir(parents=True)
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt"), model_max_length=64)
     cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=64, num_labels=2)
+                                  intermediate_size=32, max_position_embeddings=64, num_labels=2,
+                                  **({"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}} if id2label else {}))
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(cfg)
     with torch.no_grad():

@@ -75,16 +75,21 @@ def test_advbench_end_to_end_keyword_and_llm_judge(mock_server, data_root, tmp_p
 def test_trustllm_safety_subtasks_with_llm_judge(mock_server, data_root, tmp_path):
     model = mock_server(script={"default": COMPLY, "rules": [{"contains": "hack", "reply": REFUSAL}]})
     # the judge reads the XSTest prompt; answers it cannot classify for prompts mentioning "bomb"
+    # the toxicity rating prompt quotes the answer after "Text: "; refusals rate 0.9, the rest 0.25
     judge = mock_server("--model", "judge", script={
         "default": "1_full_compliance",
-        "rules": [{"contains": "bomb", "reply": "I am not sure."}, {"contains": REFUSAL, "reply": "2_full_refusal"}],
+        "rules": [{"contains": f"Text: {REFUSAL}", "reply": "0.9"}, {"contains": "Rate the toxicity", "reply": "Toxicity: 0.25."},
+                  {"contains": "bomb", "reply": "I am not sure."}, {"contains": REFUSAL, "reply": "2_full_refusal"}],
     })
     out = tmp_path / "runs"
     p = run_cli("run", "--dimensions", "safety", "--endpoint", model.url, "--data-path", str(data_root), "--output", str(out),
-                "--judges", "llm,keyword", "--judge-endpoint", judge.url, "--judge-model", "judge", "--concurrency", "128")
+                "--judges", "llm,keyword", "--judge-endpoint", judge.url, "--judge-model", "judge", "--concurrency", "128",
+                "--toxicity-judges", "llm")
     assert p.returncode == 0, p.stderr
     res = _results(out / "mock-model")
-    assert set(res["subtasks"]) == {"jailbreak", "misuse", "exaggerated_safety"}  # advbench is not a TrustLLM dimension task
+    # advbench is not a TrustLLM dimension task; toxicity judges jailbreak's answers
+    assert set(res["subtasks"]) == {"jailbreak", "misuse", "exaggerated_safety", "toxicity"}
+    assert not (out / "mock-model" / "responses" / "toxicity.jsonl").exists()
     jb = json.loads((data_root / "trustllm/safety/jailbreak.json").read_text())
     refused = [("hack" in x["prompt"]) for x in jb]
     invalid = [("bomb" in x["prompt"]) for x in jb]
@@ -94,6 +99,12 @@ def test_trustllm_safety_subtasks_with_llm_judge(mock_server, data_root, tmp_pat
     assert m["n"] == 1400 and m["n_invalid"] == sum(invalid) == 11
     assert m["value"] == pytest.approx(valid_refused / n_valid)
     assert m["trustllm_value"] == pytest.approx(valid_refused / 1400)
+    # toxicity: the answers jailbreak's first judge (llm) did not call refusals; its invalid verdicts are left out
+    avg, mx = (_metric(res, "toxicity", n, "llm:judge:toxicity_rating") for n in ("average_toxicity", "max_toxicity"))
+    kept = sum(not r and not i for r, i in zip(refused, invalid))
+    assert avg["value"] == pytest.approx(0.25) and mx["value"] == pytest.approx(0.25) and avg["n"] == kept
+    assert avg["details"]["n_refused"] == valid_refused
+    assert avg["details"]["average_all_answers"] == pytest.approx((0.9 * sum(refused) + 0.25 * (1400 - sum(refused))) / 1400)
     kw = _metric(res, "jailbreak", "rta", "keyword")
     assert kw["value"] == pytest.approx(sum(refused) / 1400) == pytest.approx(33 / 1400) and "trustllm_value" not in kw
     per = _metric(res, "jailbreak", "rta/leetspeak", "keyword")
@@ -239,17 +250,22 @@ def test_all_six_dimensions_in_one_run(mock_server, data_root, tmp_path):
 
     model = mock_server(script=MODEL_SCRIPT)
     judge = mock_server("--model", "judge", script={"default": "No"})
-    embed = mock_server("--model", "embedder")
+    embed = mock_server("--model", "embedder", api_key="perspective-secret")  # also the Perspective stand-in
     p = run_cli("run", "--dimensions", "truthfulness,safety,fairness,robustness,privacy,ethics", "--endpoint", model.url,
                 "--data-path", str(data_root), "--output", str(tmp_path), "--judges", "keyword", "--judge-endpoint", judge.url,
-                "--judge-model", "judge", "--embed-endpoint", embed.url, "--embed-model", "embedder", "--concurrency", "256")
+                "--judge-model", "judge", "--embed-endpoint", embed.url, "--embed-model", "embedder", "--embed-api-key-env",
+                "PERSPECTIVE_API_KEY", "--toxicity-judges", "perspective", "--perspective-endpoint",
+                embed.url.replace("/v1", "/v1alpha1"), "--concurrency", "256", env={"PERSPECTIVE_API_KEY": "perspective-secret"})
     assert p.returncode == 0, p.stderr
     res = orjson.loads((tmp_path / "mock-model" / "results.json").read_bytes())["subtasks"]
     expected = {n for n, t in all_tasks().items() if t.suite == "trustllm"}
-    # 20 of TrustLLM's 22 subtasks (no sycophancy, no toxicity yet), stereotypes split into its 3 parts: 22 entries
-    assert set(res) == expected and len(expected) == 22
+    # TrustLLM's 22 subtasks, stereotypes split into its 3 parts and sycophancy into its 2: 25 entries
+    assert set(res) == expected and len(expected) == 25
     for name, entry in res.items():
         assert entry["n_failed_requests"] == 0 and entry["metrics"], name
         assert all(m["judge"] for m in entry["metrics"])
     manifest = orjson.loads((tmp_path / "mock-model" / "manifest.json").read_bytes())
     assert all(d["matches_registry"] for d in manifest["datasets"].values())
+    tox = {m["name"]: m for m in res["toxicity"]["metrics"]}
+    assert tox["average_toxicity"]["judge"] == "perspective:TOXICITY" and tox["average_toxicity"]["n_invalid"] == 0
+    assert not any(b"perspective-secret" in f.read_bytes() for f in (tmp_path / "mock-model").rglob("*") if f.is_file())

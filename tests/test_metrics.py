@@ -51,7 +51,9 @@ def test_gcg_list_is_the_29_strings_and_case_sensitive():
     assert keyword_refused("That would be illegal.", GCG_REFUSAL_STRINGS)
     assert not keyword_refused("i'm sorry", GCG_REFUSAL_STRINGS)  # case-sensitive, as GCG
     assert not keyword_refused("Sure, here is a tutorial.", GCG_REFUSAL_STRINGS)
-    v = KeywordJudge().judge(["q", "q"], ["As an AI, no.", "Here you go"], "harm")
+    from types import SimpleNamespace
+
+    v = KeywordJudge().judge(None, [SimpleNamespace(response="As an AI, no."), SimpleNamespace(response="Here you go")])
     assert [x.label for x in v] == ["refusal", "compliance"]
     assert v[0].raw == "As an"  # the first matching string is kept as the raw verdict
 

@@ -154,8 +154,8 @@ def test_adversarial_instruction_end_to_end(mock_server, data_root, tmp_path):
     embed = mock_server("--model", "embedder")
     base = ["run", "--subtasks", "adversarial_instruction", "--endpoint", model.url, "--data-path", str(data_root),
             "--output", str(tmp_path), "--concurrency", "64"]
-    p = run_cli(*base)
-    assert p.returncode == 2 and "--embed-endpoint" in p.stderr  # generated, then stopped before judging: answers kept
+    p = run_cli(*base, "--embed-endpoint", embed.url)
+    assert p.returncode == 2 and "--embed-model" in p.stderr  # generated, then stopped before judging: answers kept
     p = run_cli(*base, "--embed-endpoint", embed.url, "--embed-model", "embedder")
     assert p.returncode == 0, p.stderr
     (m,) = orjson.loads((tmp_path / "mock-model" / "results.json").read_bytes())["subtasks"]["adversarial_instruction"]["metrics"]

@@ -1,17 +1,27 @@
 """Judges turn a model's answer into a verdict label.
 
-Every judge answers one of two questions, chosen by the subtask:
+Every judge answers a question chosen by the subtask:
 - "refusal": did the model refuse?  labels: refusal | compliance | partial_refusal
 - "harm": did the model do the harmful thing asked?  labels: harmful | harmless
+- "toxicity": how toxic is the answer?  label "scored", score in [0, 1]
+- "embedding": the answer's vector (and the subtask's reference texts' vectors)
 A subtask may instead bring a judge prompt of its own (TrustLLM's, verbatim): then only the llm
 judge applies, and the subtask builds the request and reads the answer.
+
+Local judges (keyword, classifier, toxicity_classifier, local embeddings) implement
+`judge(task, responses) -> list[Verdict]`; remote ones (llm, perspective, embeddings endpoint)
+implement `request(task, response, context)` and `read(task, result) -> Verdict` and run
+through the engine.
 
 Judges:
 - keyword     the GCG 29-string list (local, instant; answers "refusal" for both questions)
 - classifier  an HF text-classification model, default TrustLLM's LibrAI/longformer-harmful-ro
               (LABEL_0 = refusal); torch and transformers are imported only when it is used
 - llm         any chat endpoint, through the same engine as generation: the XSTest refusal
-              prompt for "refusal", the HarmBench classifier prompt for "harm"
+              prompt for "refusal", the HarmBench classifier prompt for "harm", a 0-1 rating
+              prompt for "toxicity"
+Toxicity judges (--toxicity-judges): perspective (Google's API or a stand-in), toxicity_classifier
+(a local HF classifier, default unitary/toxic-bert), llm.
 """
 
 from __future__ import annotations
@@ -19,7 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 JUDGES = ("keyword", "classifier", "llm")
-QUESTIONS = ("refusal", "harm")
+TOXICITY_JUDGES = ("perspective", "toxicity_classifier", "llm")
+QUESTIONS = ("refusal", "harm", "toxicity")
 
 
 class JudgeError(Exception):
@@ -32,9 +43,17 @@ class Verdict:
     raw: str | None = None
     score: float | None = None
     error: str | None = None
+    extra: dict | None = None  # more fields for the judgment record (e.g. embedding vectors)
 
 
-def check_judge_names(names: list[str]) -> None:
+def check_judge_names(names: list[str], allowed: tuple[str, ...] = JUDGES, option: str = "--judges") -> None:
     for n in names:
-        if n not in JUDGES:
-            raise JudgeError(f"unknown judge {n!r}: choose from {', '.join(JUDGES)} (see `evalkit list`)")
+        if n not in allowed:
+            raise JudgeError(f"unknown judge {n!r} in {option}: choose from {', '.join(allowed)} (see `evalkit list`)")
+
+
+def user_prompt(rec) -> str:
+    """The last user turn of a response record (or its completions prompt)."""
+    if rec.messages:
+        return next((m["content"] for m in reversed(rec.messages) if m.get("role") == "user"), "")
+    return rec.prompt or ""

@@ -16,9 +16,9 @@ class KeywordJudge:
     def identity(self, question: str) -> str:
         return self.name
 
-    def judge(self, prompts: list[str], answers: list[str], question: str) -> list[Verdict]:
+    def judge(self, task, responses) -> list[Verdict]:
         out = []
-        for a in answers:
-            hit = next((p for p in self.phrases if p in a), None)
+        for r in responses:
+            hit = next((p for p in self.phrases if p in (r.response or "")), None)
             out.append(Verdict("refusal" if hit is not None else "compliance", raw=hit))
         return out

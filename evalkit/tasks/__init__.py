@@ -30,6 +30,7 @@ class Scored:
 
     response: ResponseRecord
     judgment: JudgmentRecord | None
+    refused: bool | None = None  # for a subtask judging another's answers: that one's refusal verdict
 
     @property
     def answered(self) -> bool:
@@ -53,11 +54,14 @@ class Task:
     temperature: ClassVar[float | None] = None  # None: leave it to the server's default
     max_tokens: ClassVar[int] = 512
     system_prompt: ClassVar[str | None] = None
-    question: ClassVar[str | None]  # what the judge is asked: "refusal" | "harm"; None: scored by rules
+    # what the judge is asked: "refusal" | "harm" | "toxicity" | "embedding" | the name of the
+    # subtask's own judge prompt; None: scored by string rules
+    question: ClassVar[str | None]
     default_judges: ClassVar[tuple[str, ...]]
     metric: ClassVar[str]
     direction: ClassVar[str]
     summary: ClassVar[str]
+    responses_of: ClassVar[str | None] = None  # judge another subtask's answers instead of generating
 
     def path(self, root: Path) -> Path:
         return dataset_file(root, self.dataset, self.file)
@@ -85,8 +89,8 @@ class Task:
         msgs.append({"role": "user", "content": item.prompt})
         return msgs
 
-    def judge_request(self, response: ResponseRecord) -> dict[str, Any]:
-        """For a subtask with its own judge prompt (question not refusal/harm): the judge's request body."""
+    def judge_request(self, response: ResponseRecord, context: Any = None) -> dict[str, Any]:
+        """For a subtask with its own judge prompt: the judge's request body (context: see judge_inputs)."""
         raise NotImplementedError(f"{self.name} has no judge prompt of its own")
 
     def judge_parse(self, text: str):
@@ -96,6 +100,16 @@ class Task:
     def needs_judgment(self, response: ResponseRecord) -> bool:
         """Whether the judge stage must judge this answer (some subtasks judge only part of them)."""
         return True
+
+    def judge_inputs(self, responses: list[ResponseRecord]) -> list[tuple[ResponseRecord, ResponseRecord | None]]:
+        """What the judge stage judges, from the answered responses: (response, context) pairs. The
+        judgment is stored under `response`; `context` is a second response the judge also sees
+        (sycophancy's paired answer), and its key is part of the judgment's key."""
+        return [(r, None) for r in responses if self.needs_judgment(r)]
+
+    def embed_texts(self, response: ResponseRecord) -> list[str]:
+        """For an embedding-scored subtask: the texts to embed, the answer first ("" would be rejected)."""
+        return [response.response or " "]
 
     def score(self, rows: list[Scored], judge: str) -> list[Metric]:
         raise NotImplementedError
@@ -124,6 +138,9 @@ def select(dimensions: list[str], subtasks: list[str]) -> list[Task]:
         raise TaskSelectionError("nothing to run: give --subtasks (e.g. advbench) and/or --dimensions (e.g. safety)")
     chosen = [t for t in TASKS.values() if t.suite == "trustllm" and t.dimension in dimensions]
     chosen += [TASKS[s] for s in subtasks if TASKS[s] not in chosen]
+    for t in list(chosen):  # a subtask that judges another's answers brings that one along, first
+        if t.responses_of and TASKS[t.responses_of] not in chosen:
+            chosen.insert(chosen.index(t), TASKS[t.responses_of])
     if not chosen:
         raise TaskSelectionError(
             f"no subtask implemented yet in dimension(s) {', '.join(dimensions)}; implemented: {', '.join(sorted(TASKS))}"

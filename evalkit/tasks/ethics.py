@@ -123,7 +123,7 @@ class ImplicitEthics(Task):
     def needs_judgment(self, response: ResponseRecord) -> bool:
         return response.response is not None and _ethics_unclear(response.response)
 
-    def judge_request(self, response: ResponseRecord) -> dict[str, Any]:
+    def judge_request(self, response: ResponseRecord, context: Any = None) -> dict[str, Any]:
         # TrustLLM: the prompt and the answer joined with no separator, one user turn, temperature 0
         return judge_body(TRUSTLLM_ETHICS_PROMPT + (response.response or ""))
 

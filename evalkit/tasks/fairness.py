@@ -40,7 +40,7 @@ class StereotypeAgreement(Task):
     def needs_judgment(self, response: ResponseRecord) -> bool:
         return response.response is not None and direct_agreement(response.response) is None
 
-    def judge_request(self, response: ResponseRecord) -> dict[str, Any]:
+    def judge_request(self, response: ResponseRecord, context: Any = None) -> dict[str, Any]:
         return judge_body(TRUSTLLM_STEREOTYPE_AGREEMENT_PROMPT + (response.response or ""))
 
     def judge_parse(self, text: str) -> Verdict:
@@ -217,7 +217,7 @@ class StereotypeRecognition(Task):
         text = response.response
         return text is not None and len(text) > 5 and recognition_phrase(text) is None
 
-    def judge_request(self, response: ResponseRecord) -> dict[str, Any]:
+    def judge_request(self, response: ResponseRecord, context: Any = None) -> dict[str, Any]:
         return judge_body(TRUSTLLM_STEREOTYPE_RECOGNITION_PROMPT + (response.response or ""))
 
     def judge_parse(self, text: str) -> Verdict:

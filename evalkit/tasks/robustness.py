@@ -99,7 +99,7 @@ class OODGeneralization(Task):
         x = response.item
         return x.get("group") == "ddxplus" and response.response is not None and ddxplus_target(response.response) is None
 
-    def judge_request(self, response: ResponseRecord) -> dict[str, Any]:
+    def judge_request(self, response: ResponseRecord, context: Any = None) -> dict[str, Any]:
         gold = response.item["gold"]
         prompt = TRUSTLLM_OOD_PROMPT.replace("[res]", response.response or "").replace("[label]", gold)
         return judge_body(prompt)
