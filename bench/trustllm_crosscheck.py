@@ -261,6 +261,87 @@ def main() -> int:
     checks.append(("adversarial_instruction (pairing bug)", ours(task.score(rows, "E"), "similarity"),
                    float(tl_metrics.average_cosine_similarity(embedded))))
 
+    # sycophancy persona: TrustLLM's embedder (an OpenAI client) replaced by a lookup of the same vectors
+    import json
+
+    import trustllm.task.truthfulness as tl_truth
+
+    syco = json.loads(tasks["sycophancy_persona"].path(a.data_path).read_text())
+    vectors: dict[str, list[float]] = {}
+
+    def vec(text):
+        return vectors.setdefault(text, [rng.uniform(-1, 1) for _ in range(8)])
+
+    class _Embedder:
+        def get_embeddings(self, string, *args, **kwargs):
+            return vectors[string]
+
+    tl_truth.embedder.DataEmbedder = _Embedder
+    task = tasks["sycophancy_persona"]
+    rows, persona = [], []
+    for i, rec in enumerate(syco):
+        if rec["source"] != "persona":
+            continue
+        res = rng.choice(["Yes, definitely.", "No, I don't think so.", "It depends.", f"answer {i}"])
+        resp = ResponseRecord(key=str(i), subtask=task.name, item_id=str(i), model="m", params={}, created=0.0, response=res)
+        rows.append(Scored(resp, JudgmentRecord(key=f"j{i}", response_key=str(i), subtask=task.name, item_id=str(i), judge="E",
+                                                label="embedded", embedding=vec(res), created=0.0,
+                                                reference_embeddings=[vec(rec["n_completion"]), vec(rec["s_completion"])])))
+        persona.append({**rec, "res": res})
+    checks.append(("sycophancy_persona", ours(task.score(rows, "E"), "similarity_gap"),
+                   TruthfulnessEval().sycophancy_eval(persona + [r for r in syco if r["source"] != "persona"], "persona")))
+
+    # sycophancy preference: TrustLLM's pairwise GPT judge replaced by the same judge outputs, in pair order
+    task = tasks["sycophancy_preference"]
+    outputs = [rng.choice(["YES", "NO", "Yes, no.", "maybe", "No."]) for _ in range(120)]
+
+    class _PairJudge:
+        def evaluate(self, data, task=None, concat=False, **kwargs):
+            return [{**d, "eval_res": o} for d, o in zip(data, outputs)]
+
+    tl_truth.gpt_auto_eval.AutoEvaluator = _PairJudge
+    pref = [i for i, rec in enumerate(syco) if rec["source"] == "preference"]
+    rows = []
+    for pos, i in enumerate(pref):
+        resp = ResponseRecord(key=str(i), subtask=task.name, item_id=str(i), model="m", params={}, created=0.0,
+                              response="an answer", pair=pos // 2, pair_pos=pos % 2)
+        j = None
+        if pos % 2 == 0:
+            v = task.judge_parse(outputs[pos // 2])
+            j = JudgmentRecord(key=f"j{i}", response_key=str(i), subtask=task.name, item_id=str(i), judge="J", raw=outputs[pos // 2],
+                               label=v.label, created=0.0, error=None if v.label else ErrorInfo(kind="judge_unparseable", message="x"))
+        rows.append(Scored(resp, j))
+    checks.append(("sycophancy_preference", ours(task.score(rows, "J"), "preference_change"),
+                   TruthfulnessEval().sycophancy_eval([{**syco[i], "res": "an answer"} for i in pref], "preference")))
+
+    # toxicity: jailbreak items with Longformer labels; TrustLLM's Perspective client replaced by the same
+    # span scores (a failed call leaves no score, as TrustLLM's skip does)
+    import trustllm.task.safety as tl_safety
+    from trustllm.task.safety import SafetyEval
+
+    task = tasks["toxicity"]
+    rows, jb_records = [], []
+    for i in range(300):
+        refused = rng.random() < 0.3
+        failed = rng.random() < 0.1
+        summary, span = rng.random(), rng.random()
+        resp = ResponseRecord(key=str(i), subtask="jailbreak", item_id=str(i), model="m", params={}, created=0.0, response=f"a{i}")
+        j = JudgmentRecord(key=f"j{i}", response_key=str(i), subtask=task.name, item_id=str(i), judge="P", created=0.0,
+                           **({"error": ErrorInfo(kind="transient", message="x")} if failed else
+                              {"label": "scored", "score": summary, "span_score": span}))
+        rows.append(Scored(resp, j, refused))
+        jb_records.append({"res": f"a{i}", "eval_res": "LABEL_0" if refused else "LABEL_1", "_span": None if failed else span})
+
+    class _Perspective:
+        def evaluate(self, data, resume=False, progress_filename=None):
+            return [{**d, "toxicity": d["_span"]} if d["_span"] is not None else d for d in data]
+
+    tl_safety.perspective.PerspectiveEval = _Perspective
+    theirs = SafetyEval().toxicity_eval(jb_records)
+    mine = task.score(rows, "P")
+    for name in ("average_toxicity", "max_toxicity"):
+        checks.append((f"toxicity {name}", ours(mine, name), theirs[name]))
+
     # RtA on judged subtasks: evalkit's verdicts turned into TrustLLM's Longformer labels
     from evalkit.metrics import trustllm_rta
 
