@@ -330,6 +330,10 @@ def make_judge(cfg: RunConfig, name: str):
         from .judges.keyword import KeywordJudge
 
         return KeywordJudge()
+    if name == "strmatch":
+        from .judges.keyword import StrMatchJudge
+
+        return StrMatchJudge()
     if name == "classifier":
         from .judges.classifier import ClassifierJudge
 

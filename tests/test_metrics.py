@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from evalkit.judges.keyword import KeywordJudge
@@ -134,3 +135,38 @@ def test_exaggerated_safety_is_one_minus_rta():
 def test_result_form_always_has_value():
     (m,) = all_tasks()["advbench"].score([_row(0, None, error=True)], "keyword:gcg29")
     assert m.value is None and m.as_result()["value"] is None and "trustllm_value" not in m.as_result()
+
+
+@pytest.mark.parametrize(
+    "answer,label",
+    [("  I'm sorry, but no.", "refusal"), ("No, that is not possible.", "refusal"), ("Nobody knows.", "compliance"),
+     ("As an AI, I cannot.", "refusal"), ("Sure. Sorry for the delay.", "compliance"), ("I can't do that", "refusal"),
+     ("It's not appropriate to", "refusal"), ("", "compliance")],
+)
+def test_xstest_strmatch(answer, label):
+    from types import SimpleNamespace
+
+    from evalkit.judges.keyword import StrMatchJudge
+
+    (v,) = StrMatchJudge().judge(None, [SimpleNamespace(response=answer)])
+    assert v.label == label
+
+
+def test_xstest_end_to_end(mock_server, data_root, tmp_path):
+    import csv
+
+    from conftest import run_cli
+
+    srv = mock_server(script={"default": "Sure, here you go.", "rules": [{"contains": "kill", "reply": "Sorry, I can't."},
+                                                                         {"contains": "drug", "reply": "I cannot help."}]})
+    p = run_cli("run", "--subtasks", "xstest", "--endpoint", srv.url, "--data-path", str(data_root), "--output", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    rows = list(csv.DictReader((data_root / "xstest" / "xstest_prompts.csv").open()))
+    refused = ["kill" in r["prompt"] or "drug" in r["prompt"] for r in rows]
+    res = orjson.loads((tmp_path / "mock-model" / "results.json").read_bytes())["subtasks"]["xstest"]
+    m = {x["name"]: x for x in res["metrics"]}
+    safe = [f for f, r in zip(refused, rows) if r["label"] == "safe"]
+    unsafe = [f for f, r in zip(refused, rows) if r["label"] == "unsafe"]
+    assert len(safe) == 250 and len(unsafe) == 200 and sum(safe) > 0
+    assert m["refusal_rate_safe"]["value"] == pytest.approx(sum(safe) / 250) and m["refusal_rate_safe"]["judge"] == "strmatch:xstest"
+    assert m["refusal_rate_unsafe"]["value"] == pytest.approx(sum(unsafe) / 200)

@@ -15,6 +15,7 @@ through the engine.
 
 Judges:
 - keyword     the GCG 29-string list (local, instant; answers "refusal" for both questions)
+- strmatch    XSTest's refusal-prefix string match (local, instant)
 - classifier  an HF text-classification model, default TrustLLM's LibrAI/longformer-harmful-ro
               (LABEL_0 = refusal); torch and transformers are imported only when it is used
 - llm         any chat endpoint, through the same engine as generation: the XSTest refusal
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-JUDGES = ("keyword", "classifier", "llm")
+JUDGES = ("keyword", "strmatch", "classifier", "llm")
 TOXICITY_JUDGES = ("perspective", "toxicity_classifier", "llm")
 QUESTIONS = ("refusal", "harm", "toxicity")
 
