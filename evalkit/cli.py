@@ -59,6 +59,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     g = p.add_argument_group("output")
     g.add_argument("--output", type=Path, help="runs folder; each model gets <output>/<model-slug>/ [runs]")
+    g.add_argument("--run-name", help="run folder name under --output instead of the model id (e.g. dense, bnb4)")
     g.add_argument("--restart", action="store_true", default=None, help="discard earlier records instead of resuming")
 
 
@@ -66,7 +67,7 @@ CONFIG_FIELDS = (
     "endpoint model api_key_env api wait dimensions subtasks data_path limit max_tokens temperature top_p seed "
     "system_prompt judges judge_endpoint judge_model judge_api_key_env embed_endpoint embed_model embed_api_key_env "
     "classifier_model classifier_device toxicity_judges toxicity_model toxicity_label perspective_endpoint perspective_api_key_env "
-    "classifier_batch_size concurrency rps max_attempts attempt_timeout max_request_time stream progress output restart"
+    "classifier_batch_size concurrency rps max_attempts attempt_timeout max_request_time stream progress output run_name restart"
 ).split()
 
 
@@ -93,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="compare runs: Markdown table, HTML report, PNG charts per dimension")
     cp.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<model>) or results.json files")
     cp.add_argument("--output", type=Path, default=Path("reports"), help="folder for the report [reports]")
+    xp = sub.add_parser("matrix", help="evaluate model variants (dense, quantized, pruned, hosted) one after another, then compare")
+    xp.add_argument("file", type=Path, help="matrix TOML file (see examples/tiny_matrix.toml)")
+    xp.add_argument("--only", help="comma list of variant names to run [all]")
+    xp.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     mp = sub.add_parser("mock-server", help="a fault-injecting mock OpenAI server for dry runs and tests")
     from .mock_server import add_arguments
 
@@ -110,14 +115,18 @@ def _config_from(args: argparse.Namespace):
 
 
 async def _evaluate(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
+    return await run_stages(_config_from(args), stages)
+
+
+async def run_stages(cfg, stages: tuple[str, ...]) -> int:
+    """The stages of `run` / `generate` / `evaluate` for one configuration (also used by `matrix`)."""
     from .pipeline import RunContext, discover_model, generate, judge, load_manifest, model_slug, score
     from .tasks import select
 
-    cfg = _config_from(args)
     tasks = select(cfg.dimensions, cfg.subtasks)
     if "generate" in stages:
         model = await discover_model(cfg)
-        run_dir = cfg.output / model_slug(model)
+        run_dir = cfg.output / (cfg.run_name or model_slug(model))
     else:
         run_dir, model = _existing_run(cfg)
     ctx = RunContext(cfg, tasks, model, run_dir, load_manifest(run_dir))
@@ -146,6 +155,11 @@ def _existing_run(cfg) -> tuple[Path, str]:
     from .config import ConfigError
     from .pipeline import load_manifest, model_slug
 
+    if cfg.run_name:
+        run_dir = cfg.output / cfg.run_name
+        if not run_dir.is_dir():
+            raise ConfigError(f"no run folder {run_dir}: run `evalkit generate --run-name {cfg.run_name}` first, or check --output")
+        return run_dir, cfg.model or load_manifest(run_dir).get("model", cfg.run_name)
     if cfg.model:
         run_dir = cfg.output / model_slug(cfg.model)
         if not run_dir.is_dir():
@@ -248,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
             if not any(f.suffix == ".png" for f in files):
                 print("evalkit: no charts: pip install matplotlib (or 'evalkit[report]')", file=sys.stderr)
             return 0
+        if args.command == "matrix":
+            from .matrix import run_matrix
+
+            return run_matrix(args.file, args.only.split(",") if args.only else None, args.dry_run)
         stages = {"run": ("generate", "judge"), "generate": ("generate",), "evaluate": ("judge",)}[args.command]
         return asyncio.run(_evaluate(args, stages))
     except FatalAuthError as e:

@@ -134,6 +134,7 @@ class RunConfig(BaseModel):
     perspective_api_key_env: str = "PERSPECTIVE_API_KEY"
     # output
     output: Path = Path("runs")
+    run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run folder name under output [the model id]")
     restart: bool = False
     engine: EngineConfig = Field(default_factory=EngineConfig)
 

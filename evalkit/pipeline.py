@@ -407,6 +407,7 @@ def score(ctx: RunContext) -> dict[str, Any]:
     cfg = ctx.cfg
     results: dict[str, Any] = {
         "model": ctx.model,
+        "run_name": ctx.run_dir.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "subtasks": {},
     }

@@ -38,7 +38,7 @@ def load_results(run_dirs: list[Path]) -> list[tuple[str, dict[str, Any]]]:
             data = orjson.loads(path.read_bytes())
         except orjson.JSONDecodeError as e:
             raise ReportError(f"{path} is not valid JSON ({e})") from None
-        out.append((data.get("model") or path.parent.name, data))
+        out.append((data.get("run_name") or data.get("model") or path.parent.name, data))
     names = [n for n, _ in out]
     if len(set(names)) != len(names):  # two runs of one model id (e.g. two endpoints): tell them apart by folder
         out = [(f"{n} ({Path(d).name})", data) for (n, data), d in zip(out, run_dirs)]

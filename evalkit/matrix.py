@@ -1,0 +1,255 @@
+"""The model matrix: evaluate a dense model and its compressed variants (or hosted endpoints) with
+one command, then compare them.
+
+    evalkit matrix examples/tiny_matrix.toml [--only dense,bnb4] [--dry-run]
+
+For each variant, in file order: prepare it if needed (a pruned variant is written once, with
+servers/compress.py, under `models_dir`), start its server through serve.sh's manager (HF or
+vLLM backend, any --quant), run generate -> judge -> score into `<output>/<variant name>/`, stop
+the server, and go on. A `[judge]` server is started once and stays up across variants. At the
+end `evalkit compare` writes `<output>/report/` (Markdown, HTML, PNG per dimension).
+
+File layout (TOML):
+
+    output = "runs/matrix"          # run folders and the report
+    models_dir = "models/matrix"    # where prepared variants are written
+    [run]                           # any `evalkit run` option (config-file names)
+    subtasks = ["advbench", "xstest"]
+    limit = 50
+    [judge]                         # optional: a judge server kept up across variants
+    model = "models/judge"
+    [[variant]]
+    name = "dense"
+    model = "models/tiny-llama"     # local checkpoint (or hub id) served by serve.sh
+    [[variant]]
+    name = "bnb4"
+    model = "models/tiny-llama"
+    quant = "bnb4"
+    [[variant]]
+    name = "wanda-2of4"
+    prune = { base = "models/tiny-llama", method = "wanda", sparsity = "2:4" }
+    [[variant]]
+    name = "hosted"
+    endpoint = "https://api.example.com/v1"   # nothing is started
+    model_id = "their-model"
+    api_key_env = "EXAMPLE_API_KEY"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Prune(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base: str
+    method: Literal["magnitude", "wanda", "sparsegpt"]
+    sparsity: str
+    calibration: Path | None = None
+    nsamples: int = 128
+    seqlen: int = 2048
+
+
+class Server(BaseModel):
+    """What serve.sh starts: a checkpoint with a backend and quantization."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    backend: Literal["hf", "vllm"] = "hf"
+    quant: str = "none"
+    hqq_bits: int = 4
+    hqq_group_size: int = 64
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    gpus: int = 1
+    serve_args: list[str] = Field(default_factory=list, description="more `serve.sh start` options (before the model)")
+
+
+class Variant(Server):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    prune: Prune | None = None
+    endpoint: list[str] = Field(default_factory=list)
+    model_id: str | None = None
+    api_key_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Variant":
+        sources = [bool(self.model), self.prune is not None, bool(self.endpoint)]
+        if sum(sources) != 1:
+            raise ValueError(f"variant {self.name!r}: give exactly one of model (a checkpoint to serve), prune (a recipe) "
+                             "or endpoint (a running server)")
+        if self.endpoint and not self.model_id:
+            raise ValueError(f"variant {self.name!r}: an endpoint variant needs model_id (the id that endpoint serves)")
+        return self
+
+
+class Matrix(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    output: Path = Path("runs/matrix")
+    models_dir: Path = Path("models/matrix")
+    run: dict[str, Any] = Field(default_factory=dict)
+    judge: Server | None = None
+    variant: list[Variant]
+
+    @model_validator(mode="after")
+    def _unique(self) -> "Matrix":
+        names = [v.name for v in self.variant]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"variant names must be unique; repeated: {', '.join(sorted(dup))}")
+        return self
+
+
+def load_matrix(path: Path) -> Matrix:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"matrix file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"matrix file {path} is not valid TOML: {e}") from None
+    try:
+        m = Matrix.model_validate(data)
+    except ValidationError as e:
+        lines = [f"invalid matrix file {path}:"]
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+    for key in ("endpoint", "model", "output"):
+        if key in m.run:
+            raise ConfigError(f"matrix file {path}: [run] must not set {key!r}; each variant sets its own")
+    # paths in the file are relative to the file
+    base = path.resolve().parent
+    m.output = (base / m.output).resolve()
+    m.models_dir = (base / m.models_dir).resolve()
+    for v in m.variant:
+        if v.model and (base / v.model).exists():  # else a hub id
+            v.model = str((base / v.model).resolve())
+        if v.prune:
+            if (base / v.prune.base).exists():
+                v.prune.base = str((base / v.prune.base).resolve())
+            if v.prune.calibration is not None:
+                v.prune.calibration = (base / v.prune.calibration).resolve()
+    if m.judge and m.judge.model and (base / m.judge.model).exists():
+        m.judge.model = str((base / m.judge.model).resolve())
+    return m
+
+
+def _log(msg: str) -> None:
+    print(f"evalkit matrix: {msg}", file=sys.stderr, flush=True)
+
+
+def prepare(v: Variant, models_dir: Path) -> str:
+    """The checkpoint to serve: a pruned variant is written once and reused after."""
+    if v.prune is None:
+        return v.model or ""
+    out = models_dir / v.name
+    if (out / "evalkit_compress.json").is_file():
+        _log(f"{v.name}: pruned checkpoint {out} exists; reusing it")
+        return str(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} holds an unfinished or foreign checkpoint (no evalkit_compress.json): remove it to prune again")
+    if out.exists():
+        out.rmdir()
+    p = v.prune
+    cmd = [sys.executable, "-m", "servers.compress", p.base, str(out), "--method", p.method, "--sparsity", p.sparsity,
+           "--nsamples", str(p.nsamples), "--seqlen", str(p.seqlen)]
+    if p.calibration is not None:
+        cmd += ["--calibration", str(p.calibration)]
+    if v.device != "auto":
+        cmd += ["--device", v.device]
+    _log(f"{v.name}: pruning {p.base} ({p.method} {p.sparsity}) into {out}")
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ConfigError(f"pruning {v.name} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+    return str(out)
+
+
+def start_server(name: str, model: str, s: Server, served_name: str) -> str:
+    # the options first: everything after the model is handed to the backend unchanged
+    cmd = [sys.executable, "-m", "servers.manage", "start", "--name", name, "--served-model-name", served_name,
+           "--backend", s.backend, "--quant", s.quant, "--hqq-bits", str(s.hqq_bits), "--hqq-group-size", str(s.hqq_group_size),
+           "--device", s.device, "--gpus", str(s.gpus), *s.serve_args, model]
+    _log(f"starting {name}: {model} ({s.backend}, quant {s.quant})")
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ConfigError(f"server {name} did not start: {done.stderr.strip()[-1500:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def stop_server(name: str) -> None:
+    subprocess.run([sys.executable, "-m", "servers.manage", "stop", name], cwd=REPO, capture_output=True, text=True)
+
+
+def run_matrix(path: Path, only: list[str] | None = None, dry_run: bool = False) -> int:
+    from .cli import run_stages
+    from .report import compare
+
+    m = load_matrix(path)
+    variants = [v for v in m.variant if not only or v.name in only]
+    if only and len(variants) != len(only):
+        known = ", ".join(v.name for v in m.variant)
+        raise ConfigError(f"--only names a variant the file does not have (variants: {known})")
+    if dry_run:
+        for v in variants:
+            what = (f"endpoint {v.endpoint[0]} ({v.model_id})" if v.endpoint else
+                    f"prune {v.prune.base} {v.prune.method} {v.prune.sparsity}" if v.prune else f"serve {v.model}")
+            print(f"{v.name}: {what}; backend {v.backend}, quant {v.quant} -> {m.output / v.name}")
+        return 0
+    run_opts = dict(m.run)
+    judge_name = None
+    failed: list[str] = []
+    try:
+        if m.judge is not None:
+            judge_name = "matrix-judge"
+            stop_server(judge_name)  # a judge left over from an interrupted matrix run
+            url = start_server(judge_name, m.judge.model or "", m.judge, "judge")
+            run_opts.setdefault("judge_endpoint", [url])
+            run_opts.setdefault("judge_model", "judge")
+        for v in variants:
+            server = None
+            try:
+                if v.endpoint:
+                    endpoint, model_id = v.endpoint, v.model_id
+                else:
+                    checkpoint = prepare(v, m.models_dir)
+                    server = f"matrix-{v.name}"
+                    stop_server(server)
+                    endpoint, model_id = [start_server(server, checkpoint, v, v.name)], v.name
+                overrides = {**run_opts, "endpoint": endpoint, "model": model_id, "output": m.output, "run_name": v.name}
+                if v.api_key_env:
+                    overrides["api_key_env"] = v.api_key_env
+                cfg = load_config(None, overrides)
+                _log(f"{v.name}: evaluating {', '.join(cfg.subtasks or cfg.dimensions)}")
+                asyncio.run(run_stages(cfg, ("generate", "judge")))
+            except ConfigError as e:
+                _log(f"{v.name}: failed: {e}")
+                failed.append(v.name)
+            finally:
+                if server:
+                    stop_server(server)
+    finally:
+        if judge_name:
+            stop_server(judge_name)
+    runs = [d for d in (m.output / v.name for v in variants) if (d / "results.json").is_file()]
+    if runs:
+        for f in compare(runs, m.output / "report"):
+            print(f)
+    if failed:
+        _log(f"{len(failed)} variant(s) failed: {', '.join(failed)} (the others are in the report); rerun to resume them")
+        return 1
+    return 0
+

@@ -1,0 +1,75 @@
+"""`evalkit matrix`: a dense tiny Llama, a pruned variant prepared on the spot and a hosted
+(mock) endpoint, each evaluated in turn, then one comparison report."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from conftest import run_cli
+
+pytest.importorskip("torch")
+
+from servers.tiny import CORPUS, tiny_llama  # noqa: E402
+
+
+def test_matrix_prepares_serves_evaluates_and_compares(mock_server, data_root, tmp_path):
+    tiny_llama(tmp_path / "tiny")
+    (tmp_path / "calib.txt").write_text(" ".join(CORPUS * 20))
+    hosted = mock_server(script={"default": "I'm sorry, I cannot help with that."})
+    (tmp_path / "m.toml").write_text(f'''
+output = "out"
+models_dir = "models"
+[run]
+subtasks = ["advbench", "xstest"]
+limit = 4
+max_tokens = 8
+data_path = "{data_root}"
+progress = false
+[[variant]]
+name = "dense"
+model = "tiny"
+device = "cpu"
+[[variant]]
+name = "wanda-2of4"
+prune = {{ base = "tiny", method = "wanda", sparsity = "2:4", calibration = "calib.txt", nsamples = 4, seqlen = 32 }}
+device = "cpu"
+[[variant]]
+name = "hosted"
+endpoint = ["{hosted.url}"]
+model_id = "mock-model"
+''')
+    env = {"EVALKIT_SERVE_DIR": str(tmp_path / "serve")}
+    p = run_cli("matrix", str(tmp_path / "m.toml"), "--dry-run", env=env)
+    assert p.returncode == 0 and "wanda-2of4: prune" in p.stdout and "hosted: endpoint" in p.stdout
+    p = run_cli("matrix", str(tmp_path / "m.toml"), env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "out"
+    for name in ("dense", "wanda-2of4", "hosted"):
+        res = orjson.loads((out / name / "results.json").read_bytes())
+        assert res["run_name"] == name and set(res["subtasks"]) == {"advbench", "xstest"}
+    hosted_res = orjson.loads((out / "hosted" / "results.json").read_bytes())
+    asr = next(m for m in hosted_res["subtasks"]["advbench"]["metrics"] if m["name"] == "asr")
+    assert asr["value"] == 0.0 and hosted_res["model"] == "mock-model"  # every hosted answer is a refusal
+    assert (tmp_path / "models" / "wanda-2of4" / "evalkit_compress.json").is_file()
+    md = (out / "report" / "comparison.md").read_text()
+    assert "dense" in md and "wanda-2of4" in md and "hosted" in md and (out / "report" / "safety.png").is_file()
+    assert not list((tmp_path / "serve").glob("*.json"))  # every server was stopped
+    # a second run reuses the pruned checkpoint and resumes: the hosted endpoint sees no new request
+    before = hosted.stats()["requests"]
+    p = run_cli("matrix", str(tmp_path / "m.toml"), "--only", "wanda-2of4,hosted", env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "exists; reusing it" in p.stderr and hosted.stats()["requests"] == before
+
+
+@pytest.mark.parametrize("body,msg", [
+    ('[[variant]]\nname = "a"\nmodel = "x"\nendpoint = ["http://h/v1"]\nmodel_id = "m"\n', "exactly one of model"),
+    ('[[variant]]\nname = "a"\nendpoint = ["http://h/v1"]\n', "needs model_id"),
+    ('[[variant]]\nname = "a"\nmodel = "x"\nquantize = "bnb4"\n', "variant.0.quantize"),
+    ('[run]\nmodel = "x"\n[[variant]]\nname = "a"\nmodel = "x"\n', "[run] must not set 'model'"),
+    ('[[variant]]\nname = "a"\nmodel = "x"\n[[variant]]\nname = "a"\nmodel = "y"\n', "repeated: a"),
+])
+def test_matrix_file_errors_name_the_problem(tmp_path, body, msg):
+    (tmp_path / "m.toml").write_text(body)
+    p = run_cli("matrix", str(tmp_path / "m.toml"))
+    assert p.returncode == 2 and msg in p.stderr, p.stderr
