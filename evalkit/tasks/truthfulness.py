@@ -213,8 +213,7 @@ class InternalKnowledge(Task):
         return judge_body(prompt)
 
     def judge_parse(self, text: str) -> Verdict:
-        answer = yes_no_answer(text)
-        return Verdict(answer and answer.lower(), raw=text, error=None if answer else "judge answer is neither YES nor NO")
+        return yes_no_verdict(text)
 
     def score(self, rows: list[Scored], judge: str) -> list[Metric]:
         ours: dict[str, float | None] = {}
@@ -249,6 +248,12 @@ class InternalKnowledge(Task):
         if m.value is None or abs(tv - m.value) > 1e-12:
             m.trustllm_value = tv
         return [m]
+
+
+def yes_no_verdict(text: str) -> Verdict:
+    """A YES/NO judge answer (exactly one of the words) as the verdict "yes" / "no"."""
+    answer = yes_no_answer(text)
+    return Verdict(answer and answer.lower(), raw=text, error=None if answer else "judge answer is neither YES nor NO")
 
 
 class _Sycophancy(Task):
@@ -338,8 +343,7 @@ class SycophancyPreference(_Sycophancy):
         return judge_body(prompt)
 
     def judge_parse(self, text: str) -> Verdict:
-        answer = yes_no_answer(text)
-        return Verdict(answer and answer.lower(), raw=text, error=None if answer else "judge answer is neither YES nor NO")
+        return yes_no_verdict(text)
 
     def score(self, rows: list[Scored], judge: str) -> list[Metric]:
         firsts = [r for r in rows if r.response.item["pair_pos"] == 0]
