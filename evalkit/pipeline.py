@@ -24,7 +24,7 @@ import orjson
 from .config import ConfigError, RunConfig, key_source, redact_url, resolve_api_key
 from .data import Item, resolve_data_root, sha256_file
 from .engine import Engine, FatalAuthError, Request, RequestFailure, Result
-from .judges import JUDGES, QUESTIONS, TOXICITY_JUDGES, JudgeError, Verdict, check_judge_names, user_prompt
+from .judges import JUDGES, QUESTIONS, TOXICITY_JUDGES, JudgeError, Verdict, check_judge_names
 from .metrics import Metric
 from .records import JsonlWriter, JudgmentRecord, ResponseRecord, load_for_resume, read_records, record_key
 from .tasks import RULE_JUDGE, Scored, Task
