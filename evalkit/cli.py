@@ -134,11 +134,12 @@ async def run_stages(cfg, stages: tuple[str, ...]) -> int:
     if "generate" in stages:
         g = await generate(ctx)
         if g.get("requests"):
-            lat = g.get("e2e_latency_s") or {}
+            lat = g.get("e2e_latency_s")  # none when several APIs were used (see by_api in the manifest)
             print(
                 f"evalkit: generated {g['requests']} answers in {g['wall_s']:.1f} s ({g['requests_per_s']:.0f} req/s), "
                 f"{g['errors']} errors, {g['retries']} retries ({g['rate_limited']} rate-limited), "
-                f"{g['usage']['completion_tokens']} output tokens, latency p50 {lat.get('p50', 0):.3f} s p99 {lat.get('p99', 0):.3f} s",
+                f"{g['usage']['completion_tokens']} output tokens"
+                + (f", latency p50 {lat['p50']:.3f} s p99 {lat['p99']:.3f} s" if lat else ""),
                 file=sys.stderr,
             )
     if "judge" in stages:

@@ -224,7 +224,13 @@ class Engine:
     # -- discovery ---------------------------------------------------------------------------
 
     async def list_models(self, wait: float = 0.0) -> list[str]:
-        """GET /models on the first replica; connection errors are retried for `wait` seconds."""
+        """The model ids of GET /models on the first replica (see model_cards)."""
+        return [m["id"] for m in await self.model_cards(wait)]
+
+    async def model_cards(self, wait: float = 0.0) -> list[dict[str, Any]]:
+        """GET /models on the first replica: each served model's card (id, and what the server
+        says of it: vLLM's `root`, our HF server's GGUF `source`); connection errors are retried
+        for `wait` seconds."""
         assert self._session is not None
         base = self.replicas[0].base_url
         deadline = time.monotonic() + wait
@@ -238,7 +244,7 @@ class Engine:
                     if resp.status != 200:
                         raise RequestFailure("bad_request", f"GET {redact_url(base)}/models answered {resp.status}", resp.status)
                     data = orjson.loads(await resp.read())
-                    return [m["id"] for m in data.get("data", [])]
+                    return [m for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
                 if time.monotonic() >= deadline:
                     raise RequestFailure(

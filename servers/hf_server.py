@@ -2,6 +2,9 @@
 
     python -m servers.hf_server MODEL [--port 8000] [--quant bnb4|bnb8|hqq] [--device cpu|cuda|auto]
 
+MODEL is a checkpoint folder, a hub id, a GGUF file (or a folder with --gguf-file) or a packaged
+model's short name such as smollm2-135m (servers/model_source.py).
+
 Endpoints: GET /v1/models, GET /health, POST /v1/chat/completions (SSE streaming or not),
 POST /v1/completions, POST /v1/embeddings (with --task embed).
 
@@ -117,6 +120,23 @@ class Generator:
         self.batches = 0
         self.rows = 0
 
+    def prompt_logprobs(self, ids: list[int], k: int) -> list[dict]:
+        """Each prompt token's logprob given the tokens before it (one forward pass), with the k
+        likeliest alternatives; the first token has none. Runs in the generation thread."""
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids], device=self.loaded.device)).logits[0, :-1]
+            logp = logits.float().log_softmax(-1)
+            chosen = logp.gather(1, torch.tensor(ids[1:], device=logp.device).unsqueeze(1)).squeeze(1).tolist()
+            top = logp.topk(k) if k else None
+        out = [{"token": self.tok.decode([ids[0]]), "logprob": None, "top_logprobs": None}]
+        for pos, (t, lp) in enumerate(zip(ids[1:], chosen)):
+            alts = [] if top is None else [{"token": self.tok.decode([a]), "logprob": float(v)}
+                                           for v, a in zip(top.values[pos].tolist(), top.indices[pos].tolist())]
+            out.append({"token": self.tok.decode([t]), "logprob": lp, "top_logprobs": alts})
+        return out
+
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
@@ -216,6 +236,32 @@ class Generator:
         job.loop.call_soon_threadsafe(_set_result, job.future, job)
 
 
+@dataclass
+class Echo:
+    """A completions request with echo: the prompt, where its tokens start, their logprobs."""
+
+    prompt: str
+    offsets: list[int]
+    logprobs: list[dict] = field(default_factory=list)
+
+
+def _legacy_logprobs(entries: list[dict], start: int, offsets: list[int] | None = None) -> dict[str, list]:
+    """The legacy completions logprobs object (the first prompt token has logprob None). Without
+    offsets, the tokens follow each other in the text from `start`."""
+    if offsets is None:
+        offsets, pos = [], start
+        for e in entries:
+            offsets.append(pos)
+            pos += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [None if e["top_logprobs"] is None else {a["token"]: a["logprob"] for a in e["top_logprobs"]}
+                         for e in entries],
+        "text_offset": offsets,
+    }
+
+
 def _set_result(fut: asyncio.Future, value: Any) -> None:
     if not fut.done():
         fut.set_result(value)
@@ -243,7 +289,8 @@ def _number(body: dict, name: str, default: Any, lo: float, hi: float, kind: typ
 class Server:
     def __init__(self, loaded: Loaded, args: argparse.Namespace):
         self.loaded = loaded
-        self.name = args.served_model_name or args.model
+        self.name = args.served_model_name or loaded.source.get("model_id") or args.model
+        self.card = {"root": args.model, **({"source": loaded.source} if loaded.source else {})}
         self.api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
         if args.api_key_env and not self.api_key:
             raise SystemExit(f"--api-key-env {args.api_key_env}: that variable is empty; export it or drop the option")
@@ -293,7 +340,8 @@ class Server:
         return web.json_response(stats)
 
     async def models(self, request: web.Request) -> web.Response:
-        card = {"id": self.name, "object": "model", "created": int(self.started), "owned_by": "evalkit", "max_model_len": self.max_model_len}
+        card = {"id": self.name, "object": "model", "created": int(self.started), "owned_by": "evalkit", "max_model_len": self.max_model_len,
+                **self.card}
         return web.json_response({"object": "list", "data": [card]})
 
     async def _body(self, request: web.Request) -> dict:
@@ -343,12 +391,31 @@ class Server:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "'prompt' must be a non-empty string (one prompt per request)", param="prompt")
-        ids = self.loaded.tokenizer(prompt)["input_ids"]
+        echo = body.get("echo", False)
+        if not isinstance(echo, bool):
+            raise APIError(400, "'echo' must be true or false", param="echo")
+        if echo and body.get("stream"):
+            raise APIError(400, "echo is not supported with stream: send stream false", param="echo")
+        enc = self.loaded.tokenizer(prompt, return_offsets_mapping=echo and self.loaded.tokenizer.is_fast)
+        ids = enc["input_ids"]
         lp = body.get("logprobs")
         logprobs = None if lp is None or lp is False else _number(body, "logprobs", 0, 0, 20, int)
-        return await self._serve(request, body, ids, gen, chat=False, logprobs=logprobs)
+        echoed = None
+        if echo:
+            echoed = Echo(prompt, self._text_offsets(prompt, ids, enc.get("offset_mapping")))
+            if logprobs is not None:
+                loop = asyncio.get_running_loop()
+                echoed.logprobs = await loop.run_in_executor(gen.executor, gen.prompt_logprobs, ids, logprobs)
+        return await self._serve(request, body, ids, gen, chat=False, logprobs=logprobs, echo=echoed)
 
-    async def _serve(self, request, body, ids, gen, chat: bool, logprobs: int | None) -> web.StreamResponse:
+    def _text_offsets(self, prompt: str, ids: list[int], offsets) -> list[int]:
+        """Where each prompt token starts in the prompt text (the legacy API's text_offset)."""
+        if offsets is not None:
+            return [start for start, _ in offsets]
+        tok = self.loaded.tokenizer  # a slow tokenizer: the length of the text decoded so far
+        return [len(tok.decode(ids[:i], skip_special_tokens=True)) for i in range(len(ids))]
+
+    async def _serve(self, request, body, ids, gen, chat: bool, logprobs: int | None, echo: "Echo | None" = None) -> web.StreamResponse:
         if body.get("n", 1) not in (1, None):
             raise APIError(400, f"only n=1 is supported (got n={body['n']!r}); send n requests instead", param="n")
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
@@ -360,7 +427,8 @@ class Server:
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is None:
             max_tokens = max(1, min(self.default_max_tokens, self.max_model_len - len(ids)))
-        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", 1, 1, 10**9, int)
+        # max_tokens 0 only with echo: score the prompt, generate nothing (the legacy OpenAI API's way)
+        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", 1, 0 if echo else 1, 10**9, int)
         if len(ids) + max_tokens > self.max_model_len:
             raise APIError(
                 400,
@@ -379,7 +447,11 @@ class Server:
         sampling = (do_sample, temperature, top_p, top_k if top_k > 0 else None, seed) if do_sample else (False, None, None, None, seed)
         loop = asyncio.get_running_loop()
         job = Job(ids, max_tokens, sampling, stop, logprobs, loop, loop.create_future(), asyncio.Queue() if stream else None)
-        await gen.queue.put(job)
+        if max_tokens == 0:
+            job.finish_reason = "length"
+            job.future.set_result(job)
+        else:
+            await gen.queue.put(job)
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if stream:
@@ -400,11 +472,12 @@ class Server:
         else:
             choice = {"index": 0, "text": job.text, "finish_reason": job.finish_reason, "logprobs": None}
             if logprobs is not None:
-                choice["logprobs"] = {
-                    "tokens": [t["token"] for t in job.token_logprobs],
-                    "token_logprobs": [t["logprob"] for t in job.token_logprobs],
-                    "top_logprobs": [{a["token"]: a["logprob"] for a in t["top_logprobs"]} for t in job.token_logprobs],
-                }
+                choice["logprobs"] = _legacy_logprobs(job.token_logprobs, len(echo.prompt) if echo else 0)
+            if echo is not None:  # the prompt comes first, in the text and in the logprobs
+                choice["text"] = echo.prompt + job.text
+                if logprobs is not None:
+                    prompt_part = _legacy_logprobs(echo.logprobs, 0, echo.offsets)
+                    choice["logprobs"] = {k: prompt_part[k] + v for k, v in choice["logprobs"].items()}
             obj = "text_completion"
         payload = {"id": cid, "object": obj, "created": created, "model": self.name, "choices": [choice], "usage": usage}
         return web.Response(body=orjson.dumps(payload), content_type="application/json")
@@ -500,10 +573,11 @@ class Server:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m servers.hf_server", description="OpenAI-compatible server over a transformers model")
-    p.add_argument("model", help="hub id or local checkpoint path")
+    p.add_argument("model", help="hub id, checkpoint folder, GGUF file or packaged short name (smollm2-135m)")
+    p.add_argument("--gguf-file", help="a GGUF file inside the MODEL folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind [127.0.0.1: this machine only]")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", help="model id clients send [the model argument]")
+    p.add_argument("--served-model-name", help="model id clients send [the model argument; a GGUF: <file stem>-<sha256 prefix>]")
     p.add_argument("--task", choices=["generate", "embed"], default="generate")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
@@ -524,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     spec = ModelSpec(
-        model=args.model, device=args.device, dtype=args.dtype, quant=args.quant, hqq_bits=args.hqq_bits,
+        model=args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype, quant=args.quant, hqq_bits=args.hqq_bits,
         hqq_group_size=args.hqq_group_size, num_gpus=args.num_gpus, task=args.task, trust_remote_code=args.trust_remote_code,
     )
     try:

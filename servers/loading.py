@@ -9,6 +9,9 @@ The Oak Ridge loading options map to ModelSpec fields:
 GPTQ/AWQ checkpoints carry their quantization_config and load as they are, on a GPU only.
 Checkpoints saved by servers/quantize.py load quantized with quant="none": bitsandbytes ones
 through their quantization_config, HQQ ones (marked by evalkit_quantize.json) through hqq.
+A GGUF file (model="x.gguf", or a folder plus gguf_file) or a packaged model's short name
+("smollm2-135m") loads through the safetensors checkpoint converted from it once
+(servers/model_source.py); `Loaded.source` names the file and its sha256.
 
 `load()` ends by calling every hook in `hooks(model, tokenizer)`: the one place where later
 interventions (weight edits, activation hooks, LoRA adapters) attach to a loaded model.
@@ -16,11 +19,13 @@ interventions (weight edits, activation hooks, LoRA adapters) attach to a loaded
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import orjson
+
+from .model_source import SourceError, checkpoint_for
 
 QUANTS = ("none", "bnb4", "bnb4-fp4", "bnb8", "hqq")
 QUANT_MARKER = "evalkit_quantize.json"  # written by servers/quantize.py beside a saved quantized checkpoint
@@ -33,7 +38,8 @@ class LoadError(Exception):
 
 @dataclass
 class ModelSpec:
-    model: str  # hub id or local checkpoint path
+    model: str  # hub id, local checkpoint path, GGUF file or packaged short name (servers/model_source.py)
+    gguf_file: str | None = None  # a GGUF file inside the `model` folder
     device: Literal["cpu", "cuda", "auto"] = "auto"
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     quant: str = "none"
@@ -51,6 +57,7 @@ class Loaded:
     tokenizer: Any
     device: Any  # torch.device of the inputs
     spec: ModelSpec
+    source: dict[str, Any] = field(default_factory=dict)  # where the weights came from (GGUF file, sha256)
 
 
 def resolve_device(spec: ModelSpec):
@@ -98,6 +105,21 @@ def load(spec: ModelSpec) -> Loaded:
 
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
+    try:
+        checkpoint, source = checkpoint_for(spec.model, spec.gguf_file)
+    except SourceError as e:
+        raise LoadError(str(e)) from None
+    if source:
+        spec = replace(spec, model=checkpoint, gguf_file=None)
+    loaded = _load_checkpoint(spec, device, dtype)
+    loaded.source = source
+    return loaded
+
+
+def _load_checkpoint(spec: ModelSpec, device: Any, dtype: Any) -> Loaded:
+    import torch
+    import transformers
+
     marker = Path(spec.model) / QUANT_MARKER
     saved = orjson.loads(marker.read_bytes()) if marker.is_file() else {}
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import process
 from .loading import QUANTS
+from .model_source import SourceError, locate, tokenizer_folder
 from .vllm import VLLM_QUANTS, VLLMSpec, build_command
 
 
@@ -76,7 +77,11 @@ def start(a: argparse.Namespace) -> int:
         port = a.port
     else:
         port = _free_port(a.host)
-    served = a.served_model_name or a.model
+    try:
+        gguf = locate(a.model, a.gguf_file)
+    except SourceError as e:
+        return _fail(str(e))
+    served = a.served_model_name or (gguf.model_id if gguf else a.model)
     url = f"http://{'127.0.0.1' if a.host in ('0.0.0.0', '') else a.host}:{port}/v1"
     env: dict[str, str] = {}
     key = None
@@ -87,7 +92,13 @@ def start(a: argparse.Namespace) -> int:
     if a.backend == "vllm":
         if a.quant not in VLLM_QUANTS:
             return _fail(f"--backend vllm takes --quant {', '.join(VLLM_QUANTS)}; {a.quant} needs --backend hf")
-        cmd = build_command(VLLMSpec(model=a.model, port=port, host=a.host, served_model_name=served, quant=a.quant,
+        if gguf and a.quant != "none":
+            return _fail(f"{gguf.path.name} is a GGUF file, already quantized: vLLM serves it with --quant none")
+        try:
+            tokenizer = str(tokenizer_folder(gguf)) if gguf else None
+        except SourceError as e:
+            return _fail(str(e))
+        cmd = build_command(VLLMSpec(model=str(gguf.path) if gguf else a.model, tokenizer=tokenizer, port=port, host=a.host, served_model_name=served, quant=a.quant,
                                      num_gpus=a.gpus, max_model_len=a.max_model_len, gpu_memory_utilization=a.gpu_memory_utilization,
                                      embed=a.role == "embed", executable=a.vllm_executable, extra=a.extra))
         if key:
@@ -99,6 +110,8 @@ def start(a: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "servers.hf_server", a.model, "--host", a.host, "--port", str(port),
                "--served-model-name", served, "--device", a.device, "--dtype", a.dtype, "--quant", a.quant,
                "--hqq-bits", str(a.hqq_bits), "--hqq-group-size", str(a.hqq_group_size), "--num-gpus", str(a.gpus)]
+        if a.gguf_file:
+            cmd += ["--gguf-file", a.gguf_file]
         if a.role == "embed":
             cmd += ["--task", "embed"]
         if a.chat_template:
@@ -111,7 +124,8 @@ def start(a: argparse.Namespace) -> int:
     log = state_dir() / f"{name}.log"
     proc = process.start(cmd, log, env)
     st = {"name": name, "role": a.role, "backend": a.backend, "model": a.model, "served_model_name": served, "host": a.host,
-          "port": port, "url": url, "pid": proc.pid, "log": str(log), "started": time.time(), "command": cmd}
+          "port": port, "url": url, "pid": proc.pid, "log": str(log), "started": time.time(), "command": cmd,
+          **(gguf.describe() if gguf else {})}
     existing.write_text(json.dumps(st, indent=2))
     print(f"serve.sh: starting {name} ({a.backend}, {a.quant}) for {a.model}; log {log}", file=sys.stderr)
     try:
@@ -158,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="serve.sh", description="local OpenAI-compatible model servers")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("start", help="start a server and wait until it answers")
-    s.add_argument("model", help="hub id or local checkpoint path")
+    s.add_argument("model", help="hub id, checkpoint folder, GGUF file, or a packaged model's short name (smollm2-135m)")
+    s.add_argument("--gguf-file", help="a GGUF file inside the MODEL folder")
     s.add_argument("--role", choices=["model", "judge", "embed"], default="model")
     s.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     s.add_argument("--quant", default="none", help=f"hf: {', '.join(QUANTS)}; vllm: {', '.join(VLLM_QUANTS)}")
@@ -167,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="port to bind [a free one]")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--name", help="name for status/stop [the role]")
-    s.add_argument("--served-model-name", help="model id clients send [MODEL]")
+    s.add_argument("--served-model-name", help="model id clients send [MODEL; a GGUF: <file stem>-<sha256 prefix>]")
     s.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     s.add_argument("--dtype", default="auto")
     s.add_argument("--gpus", type=int, default=1, help="GPUs (vllm: tensor parallel size)")

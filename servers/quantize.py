@@ -53,7 +53,8 @@ def quantize(model: str, out: Path, quant: str, hqq_bits: int = 4, hqq_group_siz
     loaded.tokenizer.save_pretrained(out)
     recipe = {"source": model, "quant": quant, "format": "hqq" if quant == "hqq" else "transformers-bitsandbytes",
               "device": str(loaded.device), "seconds": round(time.time() - started, 3),
-              "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}
+              "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
+              **({"base_source": loaded.source} if loaded.source else {})}
     if quant == "hqq":
         recipe.update(hqq_bits=hqq_bits, hqq_group_size=hqq_group_size)
     (out / QUANT_MARKER).write_bytes(orjson.dumps(recipe, option=orjson.OPT_INDENT_2))
@@ -63,7 +64,7 @@ def quantize(model: str, out: Path, quant: str, hqq_bits: int = 4, hqq_group_siz
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m servers.quantize", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("model", help="dense checkpoint folder or hub id")
+    ap.add_argument("model", help="dense checkpoint folder, GGUF file, packaged short name (smollm2-135m), or hub id")
     ap.add_argument("out", type=Path, help="new folder for the quantized checkpoint")
     ap.add_argument("--quant", required=True, help=f"{', '.join(q for q in QUANTS if q != 'none')} ({', '.join(GPU_LIBRARY_QUANTS)}: GPU libraries)")
     ap.add_argument("--hqq-bits", type=int, default=4)

@@ -1,7 +1,8 @@
 """Building the `vllm serve` command for a model (vLLM lives in the optional `vllm` extra).
 
 Quantization maps to vLLM's flags: awq, gptq (pre-quantized checkpoints) and bitsandbytes
-(in-flight 4-bit); the GPU count becomes --tensor-parallel-size. Anything vLLM offers beyond
+(in-flight 4-bit); a GGUF file is served as it is (vLLM reads its quantization) with the
+tokenizer extracted from it as --tokenizer; the GPU count becomes --tensor-parallel-size. Anything vLLM offers beyond
 these goes through `extra` unchanged. An API key reaches vLLM as $VLLM_API_KEY, never on the
 command line (where `ps` would show it). The process itself is started and stopped by
 servers/process.py like every other backend.
@@ -25,6 +26,7 @@ class VLLMSpec:
     max_model_len: int | None = None
     gpu_memory_utilization: float | None = None
     embed: bool = False
+    tokenizer: str | None = None  # a GGUF model's tokenizer folder (vLLM documents --tokenizer for GGUF)
     executable: str = "vllm"
     extra: list[str] = field(default_factory=list)
 
@@ -43,4 +45,6 @@ def build_command(spec: VLLMSpec) -> list[str]:
         cmd += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
     if spec.embed:
         cmd += ["--runner", "pooling"]
+    if spec.tokenizer:
+        cmd += ["--tokenizer", spec.tokenizer]
     return cmd + list(spec.extra)

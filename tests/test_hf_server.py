@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -97,6 +98,83 @@ def test_sdk_models_chat_stream_completions_logprobs(server):
     s1 = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=12, temperature=1.0, seed=7)
     s2 = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=12, temperature=1.0, seed=7)
     assert s1.choices[0].message.content == s2.choices[0].message.content
+
+
+def _direct_logprobs(model_dir: Path, prompt: str):
+    """Each prompt token's logprob from a forward pass of the same weights, outside the server."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tok(prompt)["input_ids"]
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    return ids, [None] + [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]
+
+
+def test_echo_logprobs_equal_a_direct_forward_pass(server, models):
+    c = client(server)
+    prompt = "the quick brown fox jumps over the lazy dog"
+    ids, direct = _direct_logprobs(models["llama"], prompt)
+    r = c.completions.create(model="tiny-llama", prompt=prompt, echo=True, logprobs=2, max_tokens=0)
+    ch = r.choices[0]
+    assert ch.text == prompt and r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 0
+    lp = ch.logprobs
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(direct[1:], abs=1e-4)
+    assert all(max(top.values()) >= chosen - 1e-5 and len(top) == 2 for top, chosen in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    # text_offset: where each token starts in the echoed text
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset) and lp.text_offset[-1] < len(prompt)
+    # with generation after the echo, the prompt part is unchanged and the new tokens follow it
+    g = c.completions.create(model="tiny-llama", prompt=prompt, echo=True, logprobs=1, max_tokens=3, temperature=0)
+    glp = g.choices[0].logprobs
+    assert g.choices[0].text.startswith(prompt)
+    assert len(glp.tokens) == len(ids) + g.usage.completion_tokens
+    assert glp.token_logprobs[: len(ids)] == pytest.approx(lp.token_logprobs, abs=1e-5)
+    assert all(o >= len(prompt) for o in glp.text_offset[len(ids):])
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):  # 0 tokens only with echo
+        c.completions.create(model="tiny-llama", prompt=prompt, max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="echo is not supported with stream"):
+        c.completions.create(model="tiny-llama", prompt=prompt, echo=True, stream=True, max_tokens=2)
+
+
+def test_reference_nll_subtask_equals_a_direct_computation(server, models, tmp_path):
+    """The judge-free utility subtask end to end (CLI -> engine -> /v1/completions with echo ->
+    score) against the NLL of the reference answers computed here from the same weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evalkit.tasks.utility import ALPACA_PROMPT
+
+    rows = [{"instruction": "say hello", "output": "hello world", "generator": "x", "dataset": "t"},
+            {"instruction": "name a fox", "output": "the quick brown fox", "generator": "x", "dataset": "t"},
+            {"instruction": "and a dog?", "output": "the lazy dog, sorry", "generator": "x", "dataset": "t"}]
+    (tmp_path / "data" / "alpaca_eval").mkdir(parents=True)
+    (tmp_path / "data" / "alpaca_eval" / "alpaca_eval.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    # --max-tokens and --temperature of the run do not change the measurement
+    p = run_cli("run", "--subtasks", "reference_nll", "--endpoint", server.url, "--model", "tiny-llama", "--data-path",
+                str(tmp_path / "data"), "--output", str(tmp_path / "runs"), "--run-name", "nll", "--max-tokens", "50", "--temperature", "1")
+    assert p.returncode == 0, p.stderr
+
+    tok = AutoTokenizer.from_pretrained(models["llama"])
+    model = AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    for r in rows:
+        context = ALPACA_PROMPT.format(instruction=r["instruction"])
+        enc = tok(context + r["output"], return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        # every token holding a character of the answer
+        scored = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > len(context)]
+        total -= sum(float(logp[i - 1, ids[i]]) for i in scored)
+        count += len(scored)
+    recs = read_jsonl(tmp_path / "runs" / "nll" / "responses" / "reference_nll.jsonl")
+    assert [r["response"] for r in recs] == [r["output"] for r in rows] and all(r["params"]["max_tokens"] == 1 for r in recs)
+    assert sum(r["n_tokens"] for r in recs) == count
+    results = json.loads((tmp_path / "runs" / "nll" / "results.json").read_text())
+    metric = next(m for m in results["subtasks"]["reference_nll"]["metrics"] if m["name"] == "nll")
+    assert metric["value"] == pytest.approx(total / count, rel=1e-5) and metric["direction"] == "lower_is_better"
+    assert metric["details"]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
 def test_bad_request_matrix_and_the_server_survives(server):

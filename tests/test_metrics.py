@@ -186,3 +186,23 @@ def test_advbench_aoa_sends_the_qresafe_aoa_system_prompt(mock_server, data_root
     (m,) = res["metrics"]
     expect = 1 - sum("bomb" in r["messages"][1]["content"] for r in recs) / 30
     assert m["name"] == "asr" and m["value"] == pytest.approx(expect) and m["n"] == 30
+
+
+def test_continuation_nll_hand_vectors():
+    from evalkit.metrics import continuation_nll, pooled_nll
+
+    # echoed text "Q: hi\nA: yes!" ; the answer "yes!" starts at character 9
+    # tokens: "Q"@0 ":"@1 " hi"@2 "\n"@5 "A"@6 ":"@7 " yes"@8 "!"@12, then a generated token @13
+    lps = [None, -1.0, -2.0, -0.5, -0.25, -0.125, -3.0, -0.75, -9.0]
+    offs = [0, 1, 2, 5, 6, 7, 8, 12, 13]
+    # " yes" (8..12) overlaps [9, 13): counted; "!" (12..13) counted; the generated token is not
+    assert continuation_nll(lps, offs, 9, 13) == (3.75, 2)
+    # a span starting on a token boundary leaves the token before it out
+    assert continuation_nll(lps, offs, 8, 13) == (3.75, 2)
+    assert continuation_nll(lps, offs, 5, 13) == (0.5 + 0.25 + 0.125 + 3.0 + 0.75, 5)
+    # multi-byte pieces share a start: a zero-width piece at the span's start belongs to it
+    assert continuation_nll([None, -1.0, -2.0, -4.0], [0, 3, 3, 4], 3, 5) == (7.0, 3)
+    with pytest.raises(ValueError, match="no logprob"):
+        continuation_nll(lps, offs, 0, 13)
+    assert pooled_nll([(3.75, 2), (0.25, 2)]) == 1.0  # tokens weighed alike: 4.0 / 4
+    assert pooled_nll([]) is None

@@ -63,6 +63,7 @@ class Task:
     summary: ClassVar[str]
     responses_of: ClassVar[str | None] = None  # judge another subtask's answers instead of generating
     turns: ClassVar[int] = 1  # > 1: each answer is followed by the next turn (see next_turn)
+    api: ClassVar[str | None] = None  # the API its requests need ("completions" to score a prompt); None: the run's --api
 
     def path(self, root: Path) -> Path:
         return dataset_file(root, self.dataset, self.file)
@@ -94,6 +95,19 @@ class Task:
         msgs += item.history
         msgs.append({"role": "user", "content": item.prompt})
         return msgs
+
+    def request_body(self, item: Item, messages: list[dict[str, str]], api: str) -> dict[str, Any]:
+        """The request for one item, less the decoding parameters: the chat messages, or for the
+        completions API their contents joined into one prompt."""
+        if api == "chat":
+            return {"messages": messages}
+        return {"prompt": "\n\n".join(m["content"] for m in messages)}
+
+    def response_fields(self, item: Item, result, body: dict[str, Any]) -> dict[str, Any]:
+        """What the response record keeps of a successful reply (engine Result) beyond its text;
+        may replace "response". Raise ValueError when the reply lacks what the subtask needs:
+        the record then holds that error instead of an answer."""
+        return {}
 
     def item_params(self, item: Item) -> dict[str, Any]:
         """Decoding settings of this one item, over the subtask's and the command line's (MT-Bench's

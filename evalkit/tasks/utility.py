@@ -1,6 +1,7 @@
 """Utility: MT-Bench (FastChat single-answer grading) and AlpacaEval 1.0 / 2.0 win rates, the
-Q-resafe utility metrics. Selected by name (suite "utility"); they need an LLM judge
+Q-resafe utility metrics, selected by name (suite "utility"); they need an LLM judge
 (--judge-endpoint / --judge-model), and compare only under the same judge, prompt and references.
+reference_nll needs no judge: the likelihood the model gives AlpacaEval's reference answers.
 Prompts are read from the data files, never re-typed (../shared/reference/utility_data.md)."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from ..data import DataError, Item, check_json_records, dataset_file, load_json_list
 from ..judges import Verdict, user_prompt
-from ..metrics import Metric, mean, mt_bench_rating, win_rate
+from ..metrics import Metric, continuation_nll, mean, mt_bench_rating, pooled_nll, win_rate
 from ..records import ResponseRecord, record_key
 from . import Scored, Task, register
 
@@ -305,4 +306,70 @@ class AlpacaEval2(AlpacaEval):
         return v
 
 
-__all__ = ["MTBench", "AlpacaEval", "AlpacaEval2", "fill_chatml", "is_switched", "ranking_preference", "logprob_preference"]
+# -- judge-free utility ----------------------------------------------------------------------
+
+# Alpaca's instruction format: it needs no chat template, so the completions API can score it
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+@register
+class ReferenceNLL(Task):
+    """Mean per-token negative log-likelihood of AlpacaEval 1.0's 805 reference answers given
+    their instructions: a utility number that needs no judge, so a CPU study of a small model has
+    one. Each item is one /v1/completions request with echo and logprobs (prompt-token logprobs,
+    as the legacy OpenAI API and vLLM define them) over the instruction in Alpaca's format followed
+    by the reference answer; only the answer's tokens are scored. max_tokens is 1 (vLLM does not
+    take 0) and the generated token is left out."""
+
+    name = "reference_nll"
+    dimension = "utility"
+    suite = "utility"
+    dataset = "alpaca_eval"
+    file = "alpaca_eval.jsonl"
+    api = "completions"
+    question = None
+    default_judges = ()
+    metric = "nll"
+    direction = "lower_is_better"
+    summary = "judge-free utility: per-token NLL (nats) of AlpacaEval 1.0's reference answers given the instructions (lower is better)"
+
+    def required_fields(self) -> tuple[str, ...]:
+        return ("instruction", "output")
+
+    def item(self, index: int, row: dict[str, Any]) -> Item:
+        return Item(str(index), row["instruction"], {"reference": row["output"], "dataset": row.get("dataset")})
+
+    def item_params(self, item: Item) -> dict[str, Any]:
+        # part of the measurement, over any --max-tokens or --temperature of the run
+        return {"max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 1, "stream": False}
+
+    def request_body(self, item: Item, messages: list[dict[str, str]], api: str) -> dict[str, Any]:
+        # the run's --system-prompt has no place in this format: the scored text is fixed by the data
+        return {"prompt": ALPACA_PROMPT.format(instruction=item.prompt) + item.data["reference"]}
+
+    def response_fields(self, item: Item, result, body: dict[str, Any]) -> dict[str, Any]:
+        prompt = body["prompt"]
+        try:
+            lp = result.raw["choices"][0]["logprobs"]
+            token_logprobs, offsets = lp["token_logprobs"], lp["text_offset"]
+        except (KeyError, IndexError, TypeError):
+            raise ValueError("the reply has no prompt logprobs: reference_nll needs /v1/completions with echo and "
+                             "logprobs (vLLM, evalkit's HF server)") from None
+        if not (result.text or "").startswith(prompt) or len(offsets) != len(token_logprobs):
+            raise ValueError("the reply does not echo the prompt: reference_nll needs /v1/completions with echo")
+        start = len(prompt) - len(item.data["reference"])
+        nll, n = continuation_nll(token_logprobs, offsets, start, len(prompt))
+        return {"response": prompt[start:], "nll": nll, "n_tokens": n}
+
+    def score(self, rows: list[Scored], judge: str) -> list[Metric]:
+        parts = [(r.response.item["nll"], r.response.item["n_tokens"]) for r in rows if r.answered and r.response.item.get("n_tokens")]
+        value = pooled_nll(parts)
+        per_item = [s / n for s, n in parts]
+        details = {"perplexity": math.exp(value) if value is not None else None, "tokens": sum(n for _, n in parts),
+                   "mean_item_nll": mean(per_item), "prompt_format": "alpaca"}
+        return [Metric(name="nll", value=value, direction=self.direction, judge=judge, n=len(rows),
+                       n_invalid=len(rows) - len(parts), details=details)]
+
+
+__all__ = ["ReferenceNLL", "MTBench", "AlpacaEval", "AlpacaEval2", "fill_chatml", "is_switched", "ranking_preference", "logprob_preference"]
