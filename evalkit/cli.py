@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<model>) or results.json files")
     cp.add_argument("--output", type=Path, default=Path("reports"), help="folder for the report [reports]")
     xp = sub.add_parser("matrix", help="evaluate model variants (dense, quantized, pruned, hosted) one after another, then compare")
-    xp.add_argument("file", type=Path, help="matrix TOML file (see examples/tiny_matrix.toml)")
+    xp.add_argument("file", type=Path, help="matrix TOML file (see examples/cpu_matrix.toml)")
     xp.add_argument("--only", help="comma list of variant names to run [all]")
     xp.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     mp = sub.add_parser("mock-server", help="a fault-injecting mock OpenAI server for dry runs and tests")

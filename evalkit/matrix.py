@@ -1,7 +1,7 @@
 """The model matrix: evaluate a dense model and its compressed variants (or hosted endpoints) with
 one command, then compare them.
 
-    evalkit matrix examples/tiny_matrix.toml [--only dense,bnb4] [--dry-run]
+    evalkit matrix examples/cpu_matrix.toml [--only dense,bnb4] [--dry-run]
 
 For each variant, in file order: prepare it if needed (a pruned variant is written once, with
 servers/compress.py, under `models_dir`), start its server through serve.sh's manager (HF or
@@ -21,7 +21,7 @@ File layout (TOML):
                                     #  api_key_env = "OPENAI_API_KEY": a running judge, nothing started)
     [[variant]]
     name = "dense"
-    model = "models/tiny-llama"     # local checkpoint (or hub id) served by serve.sh
+    model = "models/tiny-llama"     # checkpoint folder, hub id, GGUF file or smollm2-135m, served by serve.sh
     [[variant]]
     name = "bnb4"
     model = "models/tiny-llama"

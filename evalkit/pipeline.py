@@ -26,7 +26,7 @@ from .config import ConfigError, RunConfig, key_source, redact_url, resolve_api_
 from .data import Item, dataset_file, resolve_data_root, sha256_file
 from .engine import Engine, FatalAuthError, Request, RequestFailure, Result
 from .judges import JUDGES, QUESTIONS, TOXICITY_JUDGES, JudgeError, Verdict, check_judge_names
-from .metrics import Metric
+from .metrics import Metric, degenerate, rate
 from .records import JsonlWriter, JudgmentRecord, ResponseRecord, load_for_resume, read_records, record_key
 from .tasks import RULE_JUDGE, Scored, Task
 
@@ -544,6 +544,9 @@ def score(ctx: RunContext) -> dict[str, Any]:
             seen = {(m.name, m.judge) for m in metrics}
             # a rule-scored part of a judged subtask comes back once per judge: keep it once
             metrics.extend(m for m in task.score(rows, ident) if (m.name, m.judge) not in seen)
+        if task.question in ("refusal", "harm"):  # read every ASR and refusal rate beside it
+            verdicts = [degenerate(r.response) for r in responses if r.error is None and r.response is not None]
+            metrics.append(Metric.from_rate("degenerate_rate", rate(verdicts), "lower_is_better", RULE_JUDGE))
         results["subtasks"][task.name] = {
             "dimension": task.dimension,
             "suite": task.suite,

@@ -178,7 +178,16 @@ def _versions() -> dict[str, str]:
 
 def converted_checkpoint(g: GGUF) -> Path:
     """The GGUF as a safetensors checkpoint (fp32, as transformers dequantizes it), converted once."""
-    target = cache_root() / g.model_id
+    return _converted(g, weights=True)
+
+
+def tokenizer_folder(g: GGUF) -> Path:
+    """Only the GGUF's tokenizer, as a HF tokenizer folder (what vLLM's --tokenizer takes)."""
+    return _converted(g, weights=False)
+
+
+def _converted(g: GGUF, weights: bool) -> Path:
+    target = cache_root() / (g.model_id if weights else f"{g.model_id}-tokenizer")
     if (target / GGUF_MARKER).is_file():
         return target
     _check_readable(g)
@@ -188,36 +197,19 @@ def converted_checkpoint(g: GGUF) -> Path:
     def make(tmp: Path) -> None:
         try:
             tok = AutoTokenizer.from_pretrained(g.path.parent, gguf_file=g.path.name)
-            model = AutoModelForCausalLM.from_pretrained(g.path.parent, gguf_file=g.path.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(g.path.parent, gguf_file=g.path.name, dtype=torch.float32) if weights else None
         except (ValueError, OSError, NotImplementedError, KeyError) as e:
             raise _transformers_error(g, e) from None
-        # transformers marks a GGUF-loaded model as quantized "gguf" and refuses to save it, but on
-        # this path every weight is already a plain dequantized tensor: drop the mark, save as usual
-        model.hf_quantizer = None
-        model.config.quantization_config = None
-        del model.config.quantization_config
-        model.save_pretrained(tmp)
+        if model is not None:
+            # transformers marks a GGUF-loaded model as quantized "gguf" and refuses to save it, but
+            # on this path every weight is already a plain dequantized tensor: drop the mark
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    return _build(target, g, "checkpoint", make)
-
-
-def tokenizer_folder(g: GGUF) -> Path:
-    """Only the GGUF's tokenizer, as a HF tokenizer folder (what vLLM's --tokenizer takes)."""
-    target = cache_root() / f"{g.model_id}-tokenizer"
-    if (target / GGUF_MARKER).is_file():
-        return target
-    _check_readable(g)
-    from transformers import AutoTokenizer
-
-    def make(tmp: Path) -> None:
-        try:
-            tok = AutoTokenizer.from_pretrained(g.path.parent, gguf_file=g.path.name)
-        except (ValueError, OSError, NotImplementedError, KeyError) as e:
-            raise _transformers_error(g, e) from None
-        tok.save_pretrained(tmp)
-
-    return _build(target, g, "tokenizer", make)
+    return _build(target, g, "checkpoint" if weights else "tokenizer", make)
 
 
 def checkpoint_for(model: str, gguf_file: str | None = None) -> tuple[str, dict[str, Any]]:

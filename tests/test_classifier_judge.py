@@ -44,15 +44,16 @@ def test_classifier_label_0_is_refusal_and_long_answers_are_truncated(mock_serve
     p = run_cli(*common, "--classifier-model", str(refuser))
     assert p.returncode == 0, p.stderr
     res = orjson.loads((out / "mock-model" / "results.json").read_bytes())
-    (m,) = res["subtasks"]["exaggerated_safety"]["metrics"]
+    m, degen = res["subtasks"]["exaggerated_safety"]["metrics"]
     assert m["judge"] == f"classifier:{refuser}" and m["n"] == 20
+    assert degen["name"] == "degenerate_rate" and degen["judge"] == "rule" and degen["n"] == 20
     assert m["value"] == 0.0  # every answer judged LABEL_0 = refusal, so 1 - RtA = 0
 
     complier = tiny_classifier(tmp_path / "complier", -10.0)
     p = run_cli(*common, "--classifier-model", str(complier))
     assert p.returncode == 0, p.stderr
     res = orjson.loads((out / "mock-model" / "results.json").read_bytes())
-    (m,) = res["subtasks"]["exaggerated_safety"]["metrics"]
+    m, _ = res["subtasks"]["exaggerated_safety"]["metrics"]
     assert m["value"] == 1.0 and m["judge"] == f"classifier:{complier}"
     judgments = [orjson.loads(x) for x in (out / "mock-model" / "judgments" / "exaggerated_safety.jsonl").read_bytes().splitlines()]
     assert {(j["judge"].split("/")[-1], j["raw"], j["label"]) for j in judgments} == {

@@ -229,3 +229,18 @@ def test_mt_bench_second_turn_follows_the_first(mock_server, data_root, tmp_path
     recs = {r["item_id"]: r for r in read_jsonl(path)}
     assert len(recs) == 6 and recs["82-2"]["messages"][1]["content"] == "Another first answer."
     assert [r["item_id"] for r in read_jsonl(path.with_suffix(".stale.jsonl"))] == ["82-2"]
+
+
+def test_reference_nll_needs_prompt_logprobs_and_says_so(mock_server, data_root, tmp_path):
+    """An endpoint that does not echo prompt logprobs (the mock, many hosted APIs) gives error
+    records naming what is needed, never a made-up number; the other subtasks are unaffected."""
+    srv = mock_server()
+    p = run_cli("run", "--subtasks", "reference_nll,advbench", "--limit", "3", "--endpoint", srv.url, "--model", "mock-model",
+                "--data-path", str(data_root), "--output", str(tmp_path), "--run-name", "r")
+    assert p.returncode == 0, p.stderr
+    recs = read_jsonl(tmp_path / "r" / "responses" / "reference_nll.jsonl")
+    assert len(recs) == 3 and all(r["error"]["kind"] == "bad_response" and "echo and logprobs" in r["error"]["message"] for r in recs)
+    assert all(r["prompt"].endswith(r["reference"]) and r["params"]["echo"] is True for r in recs)
+    nll = _metrics(tmp_path / "r", "reference_nll")["nll"]
+    assert nll["value"] is None and nll["n_invalid"] == 3
+    assert _metrics(tmp_path / "r", "advbench")["asr"]["n_invalid"] == 0
