@@ -91,8 +91,11 @@ def test_vllm_backend_gets_the_gguf_and_its_tokenizer(smollm2, tmp_path):
     exe = tmp_path / "vllm"
     exe.write_text(STAND_IN % sys.executable)
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
-    env = {**os.environ, "EVALKIT_SERVE_DIR": str(tmp_path / "serve"), "VLLM_ARGS_FILE": str(tmp_path / "args")}
-    serve = ["bash", "serve.sh", "start", "--backend", "vllm", "--vllm-executable", str(exe), "--port", str(free_port())]
+    # the stand-in's mock server takes the key serve.sh hands to vLLM
+    env = {**os.environ, "EVALKIT_SERVE_DIR": str(tmp_path / "serve"), "VLLM_ARGS_FILE": str(tmp_path / "args"),
+           "STANDIN_KEY": "k-1", "EVALKIT_API_KEY": "k-1"}
+    serve = ["bash", "serve.sh", "start", "--backend", "vllm", "--vllm-executable", str(exe), "--port", str(free_port()),
+             "--api-key-env", "STANDIN_KEY", "--timeout", "120"]
     refused = subprocess.run([*serve, "--quant", "awq", "smollm2-135m"], cwd=REPO, env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "already quantized" in refused.stderr and "Traceback" not in refused.stderr
     p = subprocess.run([*serve, "smollm2-135m"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
