@@ -227,17 +227,17 @@ class Engine:
         """The model ids of GET /models on the first replica (see model_cards)."""
         return [m["id"] for m in await self.model_cards(wait)]
 
-    async def model_cards(self, wait: float = 0.0) -> list[dict[str, Any]]:
+    async def model_cards(self, wait: float = 0.0, timeout: float | None = None) -> list[dict[str, Any]]:
         """GET /models on the first replica: each served model's card (id, and what the server
         says of it: vLLM's `root`, our HF server's GGUF `source`); connection errors are retried
-        for `wait` seconds."""
+        for `wait` seconds; one attempt lasts at most `timeout` seconds [connect timeout + 30]."""
         assert self._session is not None
         base = self.replicas[0].base_url
         deadline = time.monotonic() + wait
         while True:
             try:
                 async with self._session.get(
-                    base + "/models", timeout=aiohttp.ClientTimeout(total=self.cfg.connect_timeout + 30)
+                    base + "/models", timeout=aiohttp.ClientTimeout(total=timeout or self.cfg.connect_timeout + 30)
                 ) as resp:
                     if resp.status in (401, 403):
                         raise FatalAuthError(self._auth_message(base, resp.status))

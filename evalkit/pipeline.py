@@ -314,10 +314,11 @@ def _merge_summaries(by_api: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 async def _record_model_card(ctx: RunContext, eng: Engine) -> None:
     """What the endpoint says of the model it serves (a GGUF's file and sha256, vLLM's root) goes
-    into the manifest; an endpoint without a usable /models just leaves it out."""
+    into the manifest; an endpoint without a usable /models (absent, slow, not JSON, closed to
+    this key) just leaves it out: the requests themselves say what is wrong, if anything."""
     try:
-        cards = await eng.model_cards()
-    except (RequestFailure, ValueError):  # no /models, or not JSON
+        cards = await eng.model_cards(timeout=5.0)
+    except (RequestFailure, FatalAuthError, ValueError):
         return
     card = next((c for c in cards if c.get("id") == ctx.model), None)
     if card is not None:
