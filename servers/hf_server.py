@@ -403,9 +403,6 @@ class Server:
         echoed = None
         if echo:
             echoed = Echo(prompt, self._text_offsets(prompt, ids, enc.get("offset_mapping")))
-            if logprobs is not None:
-                loop = asyncio.get_running_loop()
-                echoed.logprobs = await loop.run_in_executor(gen.executor, gen.prompt_logprobs, ids, logprobs)
         return await self._serve(request, body, ids, gen, chat=False, logprobs=logprobs, echo=echoed)
 
     def _text_offsets(self, prompt: str, ids: list[int], offsets) -> list[int]:
@@ -446,6 +443,8 @@ class Server:
         do_sample = temperature > 1e-5
         sampling = (do_sample, temperature, top_p, top_k if top_k > 0 else None, seed) if do_sample else (False, None, None, None, seed)
         loop = asyncio.get_running_loop()
+        if echo is not None and logprobs is not None:  # scored once the request is known to be valid
+            echo.logprobs = await loop.run_in_executor(gen.executor, gen.prompt_logprobs, ids, logprobs)
         job = Job(ids, max_tokens, sampling, stop, logprobs, loop, loop.create_future(), asyncio.Queue() if stream else None)
         if max_tokens == 0:
             job.finish_reason = "length"
