@@ -3,8 +3,9 @@ one command, then compare them.
 
     evalkit matrix examples/cpu_matrix.toml [--only dense,bnb4] [--dry-run]
 
-For each variant, in file order: prepare it if needed (a pruned variant is written once, with
-servers/compress.py, under `models_dir`), start its server through serve.sh's manager (HF or
+For each variant, in file order: prepare it if needed (its `steps`, each an offline intervention
+`python -m servers.<run> INPUT OUT [options]` written once under `models_dir` and reused by every
+variant that shares the same chain up to it), start its server through serve.sh's manager (HF or
 vLLM backend, any --quant), run generate -> judge -> score into `<output>/<variant name>/`, stop
 the server, and go on. A `[judge]` server is started once and stays up across variants. At the
 end `evalkit compare` writes `<output>/report/` (Markdown, HTML, PNG per dimension).
@@ -33,7 +34,11 @@ File layout (TOML):
     save_quantized = true           # quantized once into models_dir, then served from there
     [[variant]]
     name = "wanda-2of4"
-    prune = { base = "models/tiny-llama", method = "wanda", sparsity = "2:4" }
+    prune = { base = "models/tiny-llama", method = "wanda", sparsity = "2:4" }   # = model + one compress step
+    [[variant]]
+    name = "wanda-bnb4-qresafe"                 # steps compose: prune, then quantize and patch
+    model = "models/tiny-llama"
+    steps = [{ run = "compress", method = "wanda", sparsity = "2:4" }, { run = "qresafe", quant = "bnb4" }]
     [[variant]]
     name = "hosted"
     endpoint = "https://api.example.com/v1"   # nothing is started
@@ -44,6 +49,8 @@ File layout (TOML):
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import subprocess
 import sys
 import tomllib
@@ -51,6 +58,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from servers.spec import ServeSpec, argv
 
 from .config import ConfigError, load_config
 
@@ -68,25 +77,50 @@ class Prune(BaseModel):
     seqlen: int = 2048
 
 
-class Server(BaseModel):
-    """What serve.sh starts: a checkpoint with a backend and quantization."""
+class Server(ServeSpec):
+    """What serve.sh starts: servers/spec.py's options (model, backend, quant, device, gpus, ...),
+    plus flags handed to `serve.sh start` unchanged."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
-    backend: Literal["hf", "vllm"] = "hf"
-    quant: str = "none"
-    hqq_bits: int = 4
-    hqq_group_size: int = 64
-    device: Literal["cpu", "cuda", "auto"] = "auto"
-    gpus: int = 1
     serve_args: list[str] = Field(default_factory=list, description="more `serve.sh start` options (before the model)")
+    backend_args: list[str] = Field(default_factory=list, description="flags for the backend itself (after `--`), "
+                                                                       "e.g. [\"--max-batch-size\", \"128\"]")
+
+
+PATH_OPTIONS = ("calibration", "benign", "harmful", "patch_set")
+INTERVENTIONS = ("compress", "quantize", "qresafe")  # offline interventions: python -m servers.<run> INPUT OUT [options]
+
+
+class Step(BaseModel):
+    """One offline intervention; every other key is one of its options (`sparsity = "2:4"` ->
+    `--sparsity 2:4`, `x = true` -> `--x`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    run: Literal["compress", "quantize", "qresafe"]
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def argv(self) -> list[str]:
+        out: list[str] = []
+        for key, value in self.options().items():
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                out.append(flag)
+            elif value not in (False, None):
+                out += [flag, str(value)]
+        return out
+
+    @property
+    def quantizes(self) -> bool:
+        return self.run in ("quantize", "qresafe")
 
 
 class Variant(Server):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
-    prune: Prune | None = None
-    save_quantized: bool = Field(False, description="quantize once with servers/quantize.py into models_dir and serve that")
+    steps: list[Step] = Field(default_factory=list, description="offline interventions applied to model in order")
+    prune: Prune | None = Field(None, description="shorthand: model = base, steps = [compress]")
+    save_quantized: bool = Field(False, description="shorthand: steps = [quantize with this quant], served with quant none")
     endpoint: list[str] = Field(default_factory=list)
     model_id: str | None = None
     api_key_env: str | None = None
@@ -101,6 +135,16 @@ class Variant(Server):
             raise ValueError(f"variant {self.name!r}: an endpoint variant needs model_id (the id that endpoint serves)")
         if self.save_quantized and (self.quant == "none" or not self.model):
             raise ValueError(f"variant {self.name!r}: save_quantized needs model and a quant (bnb4, bnb4-fp4, bnb8, hqq)")
+        if self.prune is not None:  # the shorthands become steps: one mechanism from here on
+            p = self.prune
+            self.model, self.prune = p.base, None
+            self.steps = [Step(run="compress", method=p.method, sparsity=p.sparsity, nsamples=p.nsamples, seqlen=p.seqlen,
+                               **({"calibration": str(p.calibration)} if p.calibration is not None else {})), *self.steps]
+        if self.save_quantized:
+            step = {"quant": self.quant, **({"hqq_bits": self.hqq_bits, "hqq_group_size": self.hqq_group_size} if self.quant == "hqq" else {})}
+            self.steps, self.save_quantized, self.quant = [*self.steps, Step(run="quantize", **step)], False, "none"
+        if any(st.quantizes for st in self.steps) and self.quant != "none":
+            raise ValueError(f"variant {self.name!r}: its steps quantize the model already; serve it with quant = \"none\"")
         return self
 
 
@@ -164,11 +208,10 @@ def load_matrix(path: Path) -> Matrix:
     for v in m.variant:
         if v.model and (base / v.model).exists():  # else a hub id
             v.model = str((base / v.model).resolve())
-        if v.prune:
-            if (base / v.prune.base).exists():
-                v.prune.base = str((base / v.prune.base).resolve())
-            if v.prune.calibration is not None:
-                v.prune.calibration = (base / v.prune.calibration).resolve()
+        for st in v.steps:  # file options (calibration, benign, harmful, patch_set) are relative to the file too
+            for key, value in st.options().items():
+                if isinstance(value, str) and key in PATH_OPTIONS and (base / value).exists():
+                    setattr(st, key, str((base / value).resolve()))
     if m.judge and m.judge.model and (base / m.judge.model).exists():
         m.judge.model = str((base / m.judge.model).resolve())
     return m
@@ -178,45 +221,46 @@ def _log(msg: str) -> None:
     print(f"evalkit matrix: {msg}", file=sys.stderr, flush=True)
 
 
-def prepare(v: Variant, models_dir: Path) -> tuple[str, Variant]:
-    """The checkpoint to serve and how: a pruned or saved-quantized variant is written once under
-    models_dir and reused after (a saved quantized checkpoint is then served with quant none)."""
-    if v.prune is None and not v.save_quantized:
-        return v.model or "", v
-    out = models_dir / v.name
-    marker, what = ("evalkit_compress.json", "pruned") if v.prune else ("evalkit_quantize.json", "quantized")
-    served = v if v.prune else v.model_copy(update={"quant": "none"})
-    if (out / marker).is_file():
-        _log(f"{v.name}: {what} checkpoint {out} exists; reusing it")
-        return str(out), served
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} holds an unfinished or foreign checkpoint (no {marker}): remove it to prepare it again")
-    if out.exists():
-        out.rmdir()
-    if v.prune:
-        p = v.prune
-        cmd = [sys.executable, "-m", "servers.compress", p.base, str(out), "--method", p.method, "--sparsity", p.sparsity,
-               "--nsamples", str(p.nsamples), "--seqlen", str(p.seqlen)]
-        if p.calibration is not None:
-            cmd += ["--calibration", str(p.calibration)]
-        _log(f"{v.name}: pruning {p.base} ({p.method} {p.sparsity}) into {out}")
-    else:
-        cmd = [sys.executable, "-m", "servers.quantize", v.model or "", str(out), "--quant", v.quant,
-               "--hqq-bits", str(v.hqq_bits), "--hqq-group-size", str(v.hqq_group_size)]
-        _log(f"{v.name}: quantizing {v.model} ({v.quant}) into {out}")
-    if v.device != "auto":
-        cmd += ["--device", v.device]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise ConfigError(f"preparing {v.name} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
-    return str(out), served
+def step_folder(models_dir: Path, source: str, step: Step, device: str) -> Path:
+    """Where a step's result lives: named by the step and a digest of its input and options, so
+    variants that share a chain up to a step share its folder."""
+    key = json.dumps({"input": source, "run": step.run, "options": step.options(), "device": device}, sort_keys=True)
+    return models_dir / f"{step.run}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def prepare(v: Variant, models_dir: Path) -> str:
+    """The folder to serve: v.model with v.steps applied, each step written once under models_dir
+    (finished when its recipe file is there) and reused after."""
+    from servers.recipe import RECIPE_FILE
+
+    current = v.model or ""
+    for st in v.steps:
+        out = step_folder(models_dir, current, st, v.device)
+        if (out / RECIPE_FILE).is_file():
+            _log(f"{v.name}: {st.run} step {out} exists; reusing it")
+            current = str(out)
+            continue
+        if out.exists():  # an unfinished step (interrupted, or failed): start it again
+            import shutil
+
+            _log(f"{v.name}: {out} was not finished; preparing it again")
+            shutil.rmtree(out)
+        cmd = [sys.executable, "-m", f"servers.{st.run}", current, str(out), *st.argv()]
+        if v.device != "auto" and "device" not in st.options():
+            cmd += ["--device", v.device]
+        _log(f"{v.name}: {st.run} {' '.join(st.argv())} on {current} into {out}")
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
+            raise ConfigError(f"preparing {v.name} failed at its {st.run} step: {last}")
+        current = str(out)
+    return current
 
 
 def start_server(name: str, model: str, s: Server, served_name: str) -> str:
     # the options first: everything after the model is handed to the backend unchanged
     cmd = [sys.executable, "-m", "servers.manage", "start", "--name", name, "--served-model-name", served_name,
-           "--backend", s.backend, "--quant", s.quant, "--hqq-bits", str(s.hqq_bits), "--hqq-group-size", str(s.hqq_group_size),
-           "--device", s.device, "--gpus", str(s.gpus), *s.serve_args, model]
+           *argv(s), *s.serve_args, model, *(["--", *s.backend_args] if s.backend_args else [])]
     _log(f"starting {name}: {model} ({s.backend}, quant {s.quant})")
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
@@ -239,9 +283,8 @@ def run_matrix(path: Path, only: list[str] | None = None, dry_run: bool = False)
         raise ConfigError(f"--only names a variant the file does not have (variants: {known})")
     if dry_run:
         for v in variants:
-            what = (f"endpoint {v.endpoint[0]} ({v.model_id})" if v.endpoint else
-                    f"prune {v.prune.base} {v.prune.method} {v.prune.sparsity}" if v.prune else
-                    f"quantize {v.model} once ({v.quant}), serve the saved checkpoint" if v.save_quantized else f"serve {v.model}")
+            chain = "".join(f" -> {st.run} {' '.join(st.argv())}" for st in v.steps)
+            what = f"endpoint {v.endpoint[0]} ({v.model_id})" if v.endpoint else f"serve {v.model}{chain}"
             print(f"{v.name}: {what}; backend {v.backend}, quant {v.quant} -> {m.output / v.name}")
         return 0
     run_opts = dict(m.run)
@@ -265,10 +308,10 @@ def run_matrix(path: Path, only: list[str] | None = None, dry_run: bool = False)
                 if v.endpoint:
                     endpoint, model_id = v.endpoint, v.model_id
                 else:
-                    checkpoint, served = prepare(v, m.models_dir)
+                    checkpoint = prepare(v, m.models_dir)
                     server = f"matrix-{v.name}"
                     stop_server(server)
-                    endpoint, model_id = [start_server(server, checkpoint, served, v.name)], v.name
+                    endpoint, model_id = [start_server(server, checkpoint, v, v.name)], v.name
                 overrides = {**run_opts, "endpoint": endpoint, "model": model_id, "output": m.output, "run_name": v.name}
                 if v.api_key_env:
                     overrides["api_key_env"] = v.api_key_env

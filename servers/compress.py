@@ -4,7 +4,7 @@
     python -m servers.compress MODEL OUT --method sparsegpt --sparsity 0.5 --calibration my.txt
 
 The result is a normal HF checkpoint (dense tensors with zeros), which our HF server and vLLM serve
-as they would the original, plus `evalkit_compress.json` recording the recipe.
+as they would the original, plus `evalkit_recipe.json` recording the recipe (servers/recipe.py).
 
 Methods (Sun et al. 2023, "Wanda"; Frantar & Alistarh 2023, "SparseGPT"), applied to every linear
 layer inside the decoder blocks (embeddings and the LM head stay dense, as in both papers):
@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import recipe as recipes
 from .model_source import SourceError, checkpoint_for
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
-RECIPE_FILE = "evalkit_compress.json"
 
 
 class CompressError(Exception):
@@ -359,11 +359,13 @@ def compress(model_path: str, out: Path, method: str, sparsity: str, calibration
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    recipe = {"base_model": str(model_path), **({"base_source": source} if source else {}), "method": method, "sparsity": str(sp), "calibration": calib_desc,
-              "nsamples": nsamples if batches is not None else 0, "seqlen": seqlen if batches is not None else 0,
-              "seed": seed, "seconds": round(time.time() - t0, 2), **summary}
-    (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
-    return recipe
+    options = {"method": method, "sparsity": str(sp), "nsamples": nsamples if batches is not None else 0,
+               "seqlen": seqlen if batches is not None else 0, "seed": seed, "dtype": dtype}
+    calib_file = calibration or (default_calibration_file() if batches is not None else None)
+    step = {"intervention": "compress", "name": f"{method}-{sp}", "options": options, "calibration": calib_desc,
+            "inputs": {"calibration": recipes.input_file(calib_file)} if calib_file else {},
+            "versions": recipes.versions(), "figures": summary, "seconds": round(time.time() - t0, 2)}
+    return recipes.write(out, model_path, source, step)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .loading import QUANTS, Loaded, LoadError, ModelSpec, load
+from . import recipe as recipes
+from .loading import QUANTS, Loaded, LoadError, load, model_spec
+from .spec import HF_FIELDS, add_arguments, from_namespace
 
 
 class APIError(Exception):
@@ -289,8 +291,10 @@ def _number(body: dict, name: str, default: Any, lo: float, hi: float, kind: typ
 class Server:
     def __init__(self, loaded: Loaded, args: argparse.Namespace):
         self.loaded = loaded
-        self.name = args.served_model_name or loaded.source.get("model_id") or args.model
-        self.card = {"root": args.model, **({"source": loaded.source} if loaded.source else {})}
+        self.name = args.served_model_name or recipes.served_id(args.model, loaded.source.get("model_id"))
+        recipe = recipes.read(args.model)
+        self.card = {"root": args.model, **({"source": loaded.source} if loaded.source else {}),
+                     **({"intervention": recipes.chain_name(recipe), "recipe": recipe} if recipe else {})}
         self.api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
         if args.api_key_env and not self.api_key:
             raise SystemExit(f"--api-key-env {args.api_key_env}: that variable is empty; export it or drop the option")
@@ -573,35 +577,26 @@ class Server:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m servers.hf_server", description="OpenAI-compatible server over a transformers model")
     p.add_argument("model", help="hub id, checkpoint folder, GGUF file or packaged short name (smollm2-135m)")
-    p.add_argument("--gguf-file", help="a GGUF file inside the MODEL folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind [127.0.0.1: this machine only]")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", help="model id clients send [the model argument; a GGUF: <file stem>-<sha256 prefix>]")
+    p.add_argument("--served-model-name", help="model id clients send [the model argument; a GGUF: <file stem>-<sha256 prefix>; "
+                                                "a recipe folder: <base id>+<its interventions>]")
     p.add_argument("--task", choices=["generate", "embed"], default="generate")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
-    p.add_argument("--quant", choices=QUANTS, default="none")
-    p.add_argument("--hqq-bits", type=int, default=4)
-    p.add_argument("--hqq-group-size", type=int, default=64)
-    p.add_argument("--num-gpus", type=int, default=1)
-    p.add_argument("--chat-template", help="Jinja chat template file, for models that ship none")
-    p.add_argument("--max-model-len", type=int, help="context length [the model config's]")
+    add_arguments(p, HF_FIELDS)  # the model options, declared once in servers/spec.py
     p.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long an idle server waits for more requests to batch")
     p.add_argument("--api-key-env", help="require the key held in this environment variable (Bearer)")
-    p.add_argument("--trust-remote-code", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    spec = ModelSpec(
-        model=args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype, quant=args.quant, hqq_bits=args.hqq_bits,
-        hqq_group_size=args.hqq_group_size, num_gpus=args.num_gpus, task=args.task, trust_remote_code=args.trust_remote_code,
-    )
+    if args.quant not in QUANTS:
+        print(f"hf_server: error: --quant {args.quant!r}: choose from {', '.join(QUANTS)}", file=sys.stderr)
+        sys.exit(2)
     try:
-        loaded = load(spec)
+        loaded = load(model_spec(from_namespace(args), args.task))
     except LoadError as e:
         print(f"hf_server: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -8,13 +8,16 @@ The Oak Ridge loading options map to ModelSpec fields:
     --num_gpus            num_gpus (device_map="auto" over that many GPUs)
 GPTQ/AWQ checkpoints carry their quantization_config and load as they are, on a GPU only.
 Checkpoints saved by servers/quantize.py load quantized with quant="none": bitsandbytes ones
-through their quantization_config, HQQ ones (marked by evalkit_quantize.json) through hqq.
+through their quantization_config, HQQ ones (recipe format "hqq", servers/recipe.py) through hqq.
 A GGUF file (model="x.gguf", or a folder plus gguf_file) or a packaged model's short name
 ("smollm2-135m") loads through the safetensors checkpoint converted from it once
 (servers/model_source.py); `Loaded.source` names the file and its sha256.
 
 `load()` ends by calling every hook in `hooks(model, tokenizer)`: the one place where later
-interventions (weight edits, activation hooks, LoRA adapters) attach to a loaded model.
+interventions (weight edits, activation hooks, LoRA adapters) attach to a loaded model. A hook
+changes the model in place or returns the model that replaces it (peft wraps the model). The
+runtime interventions a recipe folder names (`runtime` in evalkit_recipe.json, e.g. an unmerged
+LoRA adapter) are attached this way, first, before the caller's own hooks.
 """
 
 from __future__ import annotations
@@ -23,13 +26,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import orjson
-
+from . import recipe as recipes
 from .model_source import SourceError, checkpoint_for
+from .spec import QUANTS, ServeSpec
 
-QUANTS = ("none", "bnb4", "bnb4-fp4", "bnb8", "hqq")
-QUANT_MARKER = "evalkit_quantize.json"  # written by servers/quantize.py beside a saved quantized checkpoint
-Hook = Callable[[Any, Any], None]
+Hook = Callable[[Any, Any], Any]  # (model, tokenizer) -> None (changed in place) or the replacement model
 
 
 class LoadError(Exception):
@@ -49,6 +50,13 @@ class ModelSpec:
     task: Literal["generate", "embed"] = "generate"
     trust_remote_code: bool = False
     hooks: list[Hook] = field(default_factory=list)
+
+
+def model_spec(spec: ServeSpec, task: Literal["generate", "embed"] = "generate") -> ModelSpec:
+    """The loader's view of a served model (the options that only a server cares about dropped)."""
+    return ModelSpec(model=spec.model or "", gguf_file=spec.gguf_file, device=spec.device, dtype=spec.dtype, quant=spec.quant,
+                     hqq_bits=spec.hqq_bits, hqq_group_size=spec.hqq_group_size, num_gpus=spec.gpus, task=task,
+                     trust_remote_code=spec.trust_remote_code)
 
 
 @dataclass
@@ -120,8 +128,12 @@ def _load_checkpoint(spec: ModelSpec, device: Any, dtype: Any) -> Loaded:
     import torch
     import transformers
 
-    marker = Path(spec.model) / QUANT_MARKER
-    saved = orjson.loads(marker.read_bytes()) if marker.is_file() else {}
+    try:
+        saved = recipes.read(spec.model) or {}
+    except recipes.RecipeError as e:
+        raise LoadError(str(e)) from None
+    if saved.get("runtime"):
+        spec = replace(spec, hooks=[*(runtime_hook(Path(spec.model), rt) for rt in saved["runtime"]), *spec.hooks])
     try:
         pre_quant = "hqq" if saved.get("format") == "hqq" else _checkpoint_quant_method(spec.model, spec.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -186,8 +198,26 @@ def _finish(model: Any, tokenizer: Any, device: Any, spec: ModelSpec) -> Loaded:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     for hook in spec.hooks:
-        hook(model, tokenizer)
+        model = hook(model, tokenizer) or model
     return Loaded(model, tokenizer, device, spec)
+
+
+def runtime_hook(folder: Path, rt: dict[str, Any]) -> Hook:
+    """The hook that attaches one runtime intervention of a recipe folder."""
+    if rt["kind"] == "lora":
+        path = folder / rt["path"]
+
+        def attach_lora(model: Any, tokenizer: Any) -> Any:
+            try:
+                from peft import PeftModel
+            except ImportError:
+                raise LoadError(f"{folder} carries a LoRA adapter: serving it needs peft (pip install 'evalkit[quant]')") from None
+            if not (path / "adapter_config.json").is_file():
+                raise LoadError(f"{folder}: the recipe names the adapter {path}, which is missing; prepare the folder again")
+            return PeftModel.from_pretrained(model, str(path)).eval()
+
+        return attach_lora
+    raise LoadError(f"{folder}: unknown runtime intervention {rt['kind']!r}")
 
 
 def _quantize_hqq(model: Any, spec: ModelSpec, dtype: Any, device: Any) -> None:

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from . import process
-from .loading import QUANTS
+from .spec import HF_FIELDS, QUANTS, add_arguments, argv, from_namespace
+from . import recipe as recipes
 from .model_source import SourceError, locate, tokenizer_folder
 from .vllm import VLLM_QUANTS, VLLMSpec, build_command
 
@@ -81,7 +82,11 @@ def start(a: argparse.Namespace) -> int:
         gguf = locate(a.model, a.gguf_file)
     except SourceError as e:
         return _fail(str(e))
-    served = a.served_model_name or (gguf.model_id if gguf else a.model)
+    try:
+        recipe = recipes.read(a.model)
+    except recipes.RecipeError as e:
+        return _fail(str(e))
+    served = a.served_model_name or recipes.served_id(a.model, gguf.model_id if gguf else None)
     url = f"http://{'127.0.0.1' if a.host in ('0.0.0.0', '') else a.host}:{port}/v1"
     env: dict[str, str] = {}
     key = None
@@ -94,6 +99,9 @@ def start(a: argparse.Namespace) -> int:
             return _fail(f"--backend vllm takes --quant {', '.join(VLLM_QUANTS)}; {a.quant} needs --backend hf")
         if gguf and a.quant != "none":
             return _fail(f"{gguf.path.name} is a GGUF file, already quantized: vLLM serves it with --quant none")
+        if recipe and (recipe.get("runtime") or recipe.get("format") == "hqq"):
+            what = "an HQQ checkpoint" if recipe.get("format") == "hqq" else "a runtime intervention (an unmerged adapter)"
+            return _fail(f"{a.model} holds {what}, which vLLM does not serve: use --backend hf")
         try:
             tokenizer = str(tokenizer_folder(gguf)) if gguf else None
         except SourceError as e:
@@ -107,17 +115,13 @@ def start(a: argparse.Namespace) -> int:
         if a.quant not in QUANTS:
             return _fail(f"--backend hf takes --quant {', '.join(QUANTS)}; {a.quant} (pre-quantized checkpoints) loads "
                          f"as it is with --quant none on a GPU, or use --backend vllm")
+        spec = from_namespace(a)
+        if spec.chat_template:
+            spec.chat_template = str(Path(spec.chat_template).resolve())
         cmd = [sys.executable, "-m", "servers.hf_server", a.model, "--host", a.host, "--port", str(port),
-               "--served-model-name", served, "--device", a.device, "--dtype", a.dtype, "--quant", a.quant,
-               "--hqq-bits", str(a.hqq_bits), "--hqq-group-size", str(a.hqq_group_size), "--num-gpus", str(a.gpus)]
-        if a.gguf_file:
-            cmd += ["--gguf-file", a.gguf_file]
+               "--served-model-name", served, *argv(spec, HF_FIELDS)]
         if a.role == "embed":
             cmd += ["--task", "embed"]
-        if a.chat_template:
-            cmd += ["--chat-template", str(Path(a.chat_template).resolve())]
-        if a.max_model_len:
-            cmd += ["--max-model-len", str(a.max_model_len)]
         if a.api_key_env:
             cmd += ["--api-key-env", a.api_key_env]
         cmd += a.extra
@@ -125,7 +129,7 @@ def start(a: argparse.Namespace) -> int:
     proc = process.start(cmd, log, env)
     st = {"name": name, "role": a.role, "backend": a.backend, "model": a.model, "served_model_name": served, "host": a.host,
           "port": port, "url": url, "pid": proc.pid, "log": str(log), "started": time.time(), "command": cmd,
-          **(gguf.describe() if gguf else {})}
+          **(gguf.describe() if gguf else {}), **({"recipe": recipes.chain_name(recipe)} if recipe else {})}
     existing.write_text(json.dumps(st, indent=2))
     print(f"serve.sh: starting {name} ({a.backend}, {a.quant}) for {a.model}; log {log}", file=sys.stderr)
     try:
@@ -173,22 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("start", help="start a server and wait until it answers")
     s.add_argument("model", help="hub id, checkpoint folder, GGUF file, or a packaged model's short name (smollm2-135m)")
-    s.add_argument("--gguf-file", help="a GGUF file inside the MODEL folder")
     s.add_argument("--role", choices=["model", "judge", "embed"], default="model")
-    s.add_argument("--backend", choices=["hf", "vllm"], default="hf")
-    s.add_argument("--quant", default="none", help=f"hf: {', '.join(QUANTS)}; vllm: {', '.join(VLLM_QUANTS)}")
-    s.add_argument("--hqq-bits", type=int, default=4)
-    s.add_argument("--hqq-group-size", type=int, default=64)
+    add_arguments(s)  # the model options, declared once in servers/spec.py
     s.add_argument("--port", type=int, help="port to bind [a free one]")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--name", help="name for status/stop [the role]")
-    s.add_argument("--served-model-name", help="model id clients send [MODEL; a GGUF: <file stem>-<sha256 prefix>]")
-    s.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
-    s.add_argument("--dtype", default="auto")
-    s.add_argument("--gpus", type=int, default=1, help="GPUs (vllm: tensor parallel size)")
-    s.add_argument("--max-model-len", type=int)
+    s.add_argument("--served-model-name", help="model id clients send [MODEL; a GGUF: <file stem>-<sha256 prefix>; "
+                                                 "a recipe folder: <base id>+<its interventions>]")
     s.add_argument("--gpu-memory-utilization", type=float, help="vllm: share of GPU memory to use")
-    s.add_argument("--chat-template", help="hf: chat template file for a model without one")
     s.add_argument("--api-key-env", help="require the key in this variable from clients")
     s.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the server to be ready")
     s.add_argument("--vllm-executable", default="vllm")

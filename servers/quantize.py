@@ -9,7 +9,8 @@ then written to OUT:
   transformers (our HF server) loads it quantized with no --quant flag;
 - HQQ: the hqq library's own format (qmodel.pt + config.json), loaded back by our HF server
   through hqq (vLLM does not read it).
-OUT also gets the tokenizer and `evalkit_quantize.json` (recipe, source, sizes).
+OUT also gets the tokenizer and `evalkit_recipe.json` (servers/recipe.py: the chain of steps with
+this one last: options, source, sizes, library versions).
 
 GPTQ and AWQ need calibration passes with CUDA kernels: produce those checkpoints with a
 GPTQ/AWQ library on a GPU (e.g. llm-compressor or AutoAWQ) and serve them as they are
@@ -26,7 +27,8 @@ from typing import Any
 
 import orjson
 
-from .loading import QUANT_MARKER, QUANTS, LoadError, ModelSpec, load
+from . import recipe as recipes
+from .loading import QUANTS, LoadError, ModelSpec, load
 
 GPU_LIBRARY_QUANTS = ("gptq", "awq")
 
@@ -39,6 +41,9 @@ def quantize(model: str, out: Path, quant: str, hqq_bits: int = 4, hqq_group_siz
     if quant == "none" or quant not in QUANTS:
         raise LoadError(f"--quant {quant!r}: choose from {', '.join(q for q in QUANTS if q != 'none')} "
                         f"({', '.join(GPU_LIBRARY_QUANTS)}: see --help)")
+    if (recipes.read(model) or {}).get("runtime"):
+        raise LoadError(f"{model} carries a runtime intervention (an unmerged adapter or activation hook): quantize its base "
+                        f"model and apply the intervention after")
     if out.exists() and any(out.iterdir()):
         raise LoadError(f"{out} is not empty: give a new folder (nothing was written)")
     started = time.time()
@@ -51,14 +56,12 @@ def quantize(model: str, out: Path, quant: str, hqq_bits: int = 4, hqq_group_siz
     else:
         loaded.model.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)
-    recipe = {"source": model, "quant": quant, "format": "hqq" if quant == "hqq" else "transformers-bitsandbytes",
-              "device": str(loaded.device), "seconds": round(time.time() - started, 3),
-              "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
-              **({"base_source": loaded.source} if loaded.source else {})}
-    if quant == "hqq":
-        recipe.update(hqq_bits=hqq_bits, hqq_group_size=hqq_group_size)
-    (out / QUANT_MARKER).write_bytes(orjson.dumps(recipe, option=orjson.OPT_INDENT_2))
-    return recipe
+    options = {"quant": quant, **({"hqq_bits": hqq_bits, "hqq_group_size": hqq_group_size} if quant == "hqq" else {})}
+    step = {"intervention": "quantize", "name": quant if quant != "hqq" else f"hqq{hqq_bits}-g{hqq_group_size}", "options": options,
+            "versions": recipes.versions("bitsandbytes" if quant.startswith("bnb") else "hqq"), "device": str(loaded.device),
+            "figures": {"bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())},
+            "seconds": round(time.time() - started, 3)}
+    return recipes.write(out, model, loaded.source, step, fmt="hqq" if quant == "hqq" else "transformers")
 
 
 def main(argv: list[str] | None = None) -> int:

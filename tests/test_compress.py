@@ -3,6 +3,7 @@ computations of their formulas on one small layer, and a tiny Llama pruned end t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -120,9 +121,15 @@ def test_tiny_llama_pruned_end_to_end(tmp_path, method, sparsity):
     out = tmp_path / "pruned"
     p = _prune_cli(base, out, "--method", method, "--sparsity", sparsity, "--calibration", calib, "--nsamples", "4", "--seqlen", "32")
     assert p.returncode == 0, p.stderr
-    recipe = json.loads((out / "evalkit_compress.json").read_text())
-    assert recipe["method"] == method and recipe["sparsity"] == sparsity and recipe["zeros"] > 0
-    assert recipe["measured_sparsity"] >= 0.5 * 0.99  # over the decoder blocks' linear layers
+    recipe = json.loads((out / "evalkit_recipe.json").read_text())
+    assert recipe["base"] == {"model": str(base)} and recipe["format"] == "transformers" and recipe["runtime"] == []
+    (step,) = recipe["steps"]
+    assert step["intervention"] == "compress" and step["name"] == f"{method}-{sparsity}"
+    assert step["options"]["method"] == method and step["options"]["sparsity"] == sparsity and step["figures"]["zeros"] > 0
+    assert step["figures"]["measured_sparsity"] >= 0.5 * 0.99  # over the decoder blocks' linear layers
+    assert step["versions"]["torch"] and step["versions"]["transformers"] == transformers.__version__
+    if method != "magnitude":
+        assert step["inputs"]["calibration"]["sha256"] == hashlib.sha256(calib.read_bytes()).hexdigest()
     pruned = transformers.AutoModelForCausalLM.from_pretrained(out)
     dense = transformers.AutoModelForCausalLM.from_pretrained(base)
     sp = Sparsity.parse(sparsity)

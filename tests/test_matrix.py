@@ -51,7 +51,8 @@ model_id = "mock-model"
 ''')
     env = {"EVALKIT_SERVE_DIR": str(tmp_path / "serve")}
     p = run_cli("matrix", str(tmp_path / "m.toml"), "--dry-run", env=env)
-    assert p.returncode == 0 and "wanda-2of4: prune" in p.stdout and "hosted: endpoint" in p.stdout
+    assert p.returncode == 0 and "hosted: endpoint" in p.stdout
+    assert "wanda-2of4: serve" in p.stdout and "-> compress --method wanda --sparsity 2:4" in p.stdout
     p = run_cli("matrix", str(tmp_path / "m.toml"), env=env, timeout=600)
     assert p.returncode == 0, p.stderr
     out = tmp_path / "out"
@@ -63,19 +64,21 @@ model_id = "mock-model"
     hosted_res = orjson.loads((out / "hosted" / "results.json").read_bytes())
     asr = next(m for m in hosted_res["subtasks"]["advbench"]["metrics"] if m["name"] == "asr")
     assert asr["value"] == 0.0 and hosted_res["model"] == "mock-model"  # every hosted answer is a refusal
-    assert (tmp_path / "models" / "wanda-2of4" / "evalkit_compress.json").is_file()
+    (pruned,) = (tmp_path / "models").glob("compress-*/evalkit_recipe.json")
+    assert orjson.loads(pruned.read_bytes())["steps"][0]["name"] == "wanda-2:4"
     md = (out / "report" / "comparison.md").read_text()
     assert "dense" in md and "wanda-2of4" in md and "hosted" in md and (out / "report" / "safety.png").is_file()
     assert "| utility | mt_bench | score" in md and (out / "report" / "utility.png").is_file()
     assert judge.stats()["requests"] == 4 * 8
-    saved = orjson.loads((tmp_path / "models" / "hqq-saved" / "evalkit_quantize.json").read_bytes())
-    assert saved["quant"] == "hqq" and saved["format"] == "hqq"
+    (saved,) = (tmp_path / "models").glob("quantize-*/evalkit_recipe.json")
+    saved = orjson.loads(saved.read_bytes())
+    assert saved["steps"][0]["options"]["quant"] == "hqq" and saved["format"] == "hqq"
     assert not list((tmp_path / "serve").glob("*.json"))  # every server was stopped
     # a second run reuses the pruned checkpoint and resumes: the hosted endpoint sees no new request
     before = hosted.stats()["requests"]
     p = run_cli("matrix", str(tmp_path / "m.toml"), "--only", "wanda-2of4,hqq-saved,hosted", env=env, timeout=600)
     assert p.returncode == 0, p.stderr
-    assert "pruned checkpoint" in p.stderr and "quantized checkpoint" in p.stderr and hosted.stats()["requests"] == before
+    assert p.stderr.count("exists; reusing it") == 2 and hosted.stats()["requests"] == before
 
 
 @pytest.mark.parametrize("body,msg", [

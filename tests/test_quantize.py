@@ -34,8 +34,10 @@ def tiny(tmp_path_factory):
 def test_saved_quantized_checkpoint_reloads_identically(tiny, tmp_path, quant):
     on_the_fly = _logits(load(ModelSpec(str(tiny), device="cpu", quant=quant)))
     recipe = quantize(str(tiny), tmp_path / quant, quant, device="cpu")
-    assert recipe["quant"] == quant and recipe["bytes"] > 0
-    assert orjson.loads((tmp_path / quant / "evalkit_quantize.json").read_bytes())["source"] == str(tiny)
+    assert orjson.loads((tmp_path / quant / "evalkit_recipe.json").read_bytes()) == recipe
+    (step,) = recipe["steps"]
+    assert recipe["base"] == {"model": str(tiny)} and step["options"]["quant"] == quant and step["figures"]["bytes"] > 0
+    assert recipe["format"] == ("hqq" if quant == "hqq" else "transformers")
     reloaded = load(ModelSpec(str(tmp_path / quant), device="cpu"))  # no --quant: the checkpoint says it
     assert torch.equal(_logits(reloaded), on_the_fly)
     dense = _logits(load(ModelSpec(str(tiny), device="cpu")))
