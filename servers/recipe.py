@@ -21,12 +21,13 @@ Torch-free: serve.sh's manager and the matrix read recipes without loading a mod
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import importlib.metadata
 import json
 import os
 from pathlib import Path
 from typing import Any
+
+from evalkit.data import sha256_file
 
 RECIPE_FILE = "evalkit_recipe.json"
 # the marker files written before the recipe contract; read as one-step recipes
@@ -36,14 +37,6 @@ RUNTIME_KINDS = ("lora",)
 
 class RecipeError(Exception):
     """A recipe folder is unreadable or inconsistent; the message says what to do."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def input_file(path: Path) -> dict[str, Any]:

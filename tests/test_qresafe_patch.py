@@ -115,8 +115,11 @@ def test_training_changes_only_the_masked_block_and_lowers_the_loss(tiny):
               for n, l in lora_modules(model).items()}
     s = Settings(lr=5e-2, beta=0.5, epochs=6, batch_size=4, tau=0.3, snip_samples=0, reselect_every=1000)
     figures = train(model, tok, PATCH, s, log=lambda m: None)
-    assert figures["steps"] == 6 and figures["final_loss"] < figures["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert figures["steps"] == 6 and figures["final_loss"] < figures["first_loss"]
+    assert figures["history"][0]["dpo"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference at the start
     assert figures["history"][-1]["accuracy"] == 1.0  # every pair prefers y_w over y_l after training
+    for h in figures["history"]:  # the loss is DPO plus sft_weight × the per-token NLL of y_w
+        assert h["loss"] == pytest.approx(h["dpo"] + s.sft_weight * h["nll_w"], abs=1e-4)
     changed_somewhere = False
     for n, layer in lora_modules(model).items():
         a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
@@ -160,6 +163,17 @@ def test_reselection_clears_optimizer_moments_outside_the_new_block(tiny):
     masked.remove()
 
 
+def test_calibration_defaults_are_the_last_rows_with_and_without_a_system_prompt(data_root, monkeypatch):
+    monkeypatch.setenv("EVALKIT_DATA", str(data_root))
+    rows = qresafe.calibration(None, None, Settings(n_benign=4, n_harmful=6))
+    assert [r["risk"] for r in rows] == ["benign"] * 4 + ["harmful"] * 6
+    advbench = (data_root / "advbench" / "harmful_behaviors.csv").read_text().splitlines()
+    assert rows[-1]["prompt"] in advbench[-1] and rows[4]["prompt"] in advbench[-6]  # the last six behaviours
+    alpaca = [json.loads(x)["instruction"] for x in (data_root / "alpaca_eval" / "alpaca_eval.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows[:4]] == alpaca[-4:]
+    assert [r["system"] for r in rows[4:8]] == [None, qresafe.QRESAFE_VANILLA_SYSTEM] * 2
+
+
 def _qresafe(*args, env=None, timeout=600):
     return subprocess.run([sys.executable, "-m", "servers.qresafe", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
@@ -174,13 +188,16 @@ def test_patch_bnb4_end_to_end_and_serve(tiny, tmp_path):
                  "--max-new-tokens", "6", "--epochs", "2", "--batch-size", "2", "--lr", "0.05", "--device", "cpu", env=env)
     assert p.returncode == 0, p.stderr
     rows = [json.loads(x) for x in (out / "patch_set.jsonl").read_text().splitlines()]
-    assert [r["risk"] for r in rows] == ["benign", "benign", "harmful", "harmful"]
+    assert [r["risk"] for r in rows] == ["benign", "benign", "harmful", "harmful", "benign-contrast", "benign-contrast"]
     assert rows[2]["y_w"] in qresafe.REFUSALS and rows[2]["y_w_from"] == "builtin-refusals"
-    assert all(r["y_l"] for r in rows) and rows[0]["y_w_from"] == "full-precision"
+    assert all(r["y_l"] for r in rows) and rows[0]["y_w_from"] == "full-precision" and rows[0]["y_l_from"] == "quantized"
+    # the over-refusal guard: the benign prompt again, its answer preferred to a refusal
+    assert rows[4]["x"] == rows[0]["x"] and rows[4]["y_w"] == rows[0]["y_w"] and rows[4]["y_l"] in qresafe.REFUSALS
+    assert [r["system"] for r in rows[:4]] == [None, qresafe.QRESAFE_VANILLA_SYSTEM] * 2
     recipe = json.loads((out / "evalkit_recipe.json").read_text())
     assert [s["name"] for s in recipe["steps"]] == ["bnb4", "qresafe"] and recipe["runtime"] == [{"kind": "lora", "path": "adapter"}]
     fig = recipe["steps"][-1]["figures"]
-    assert fig["steps"] == 4 and fig["pairs"] == 4 and fig["final_loss"] < fig["first_loss"]
+    assert fig["steps"] == 6 and fig["pairs"] == 6 and fig["final_loss"] < fig["first_loss"]
     assert recipe["steps"][-1]["inputs"]["benign"]["sha256"] and (out / "adapter" / "adapter_config.json").is_file()
     assert not list((tmp_path / "serve").glob("*.json"))  # the generation servers were stopped
 
@@ -214,13 +231,20 @@ def test_patch_bnb4_end_to_end_and_serve(tiny, tmp_path):
             without = patched.model(ids).logits
     assert not torch.allclose(with_adapter, without)
 
-    # a saved patch set is reused (nothing generated: no server is started) and recorded by sha256
-    again = _qresafe(tiny, tmp_path / "again", "--quant", "bnb4", "--patch-set", out / "patch_set.jsonl", "--epochs", "1",
-                     "--batch-size", "4", "--device", "cpu", env={**env, "EVALKIT_SERVE_DIR": str(tmp_path / "none")})
+    # HQQ, from the saved patch set (reused: nothing generated, no server started), recorded by sha256
+    again = _qresafe(tiny, tmp_path / "again", "--quant", "hqq", "--patch-set", out / "patch_set.jsonl", "--epochs", "2",
+                     "--batch-size", "2", "--lr", "0.05", "--device", "cpu", env={**env, "EVALKIT_SERVE_DIR": str(tmp_path / "none")})
     assert again.returncode == 0, again.stderr
     rec2 = json.loads((tmp_path / "again" / "evalkit_recipe.json").read_text())
+    assert rec2["format"] == "hqq" and [s["name"] for s in rec2["steps"]] == ["hqq4-g64", "qresafe"]
     assert rec2["steps"][-1]["inputs"]["reused_patch_set"]["path"] == str((out / "patch_set.jsonl").resolve())
     assert not (tmp_path / "none").exists() or not list((tmp_path / "none").glob("*.log"))
+    hqq = load(ModelSpec(str(tmp_path / "again"), device="cpu"))
+    with torch.no_grad():
+        with_adapter = hqq.model(ids).logits
+        with hqq.model.disable_adapter():
+            without = hqq.model(ids).logits
+    assert not torch.allclose(with_adapter, without)
 
 
 def test_bad_input_gets_one_line(tiny, tmp_path):
