@@ -128,6 +128,11 @@ def data_root() -> Path:
     return Path(os.environ["EVALKIT_DATA"]) if os.environ.get("EVALKIT_DATA") else REPO.parent / "shared" / "datasets"
 
 
+def default_calibration() -> tuple[Path, Path]:
+    """Risk-I and Risk-III defaults: AlpacaEval 1.0 and AdvBench under $EVALKIT_DATA or ../shared/datasets."""
+    return data_root() / "alpaca_eval" / "alpaca_eval.jsonl", data_root() / "advbench" / "harmful_behaviors.csv"
+
+
 def read_prompts(path: Path) -> list[str]:
     """Prompts from .txt (one per line), .jsonl (prompt / instruction / goal field) or .csv (goal / prompt column)."""
     if not path.is_file():
@@ -162,9 +167,8 @@ def read_prompts(path: Path) -> list[str]:
 def calibration(benign: Path | None, harmful: Path | None, s: Settings) -> list[dict[str, str]]:
     """Risk-I (benign) and Risk-III (harmful) prompts; the defaults are the *last* rows of
     AlpacaEval 1.0 and AdvBench, so an evaluation on their first rows never sees them."""
-    root = data_root()
-    b = read_prompts(benign or root / "alpaca_eval" / "alpaca_eval.jsonl")
-    h = read_prompts(harmful or root / "advbench" / "harmful_behaviors.csv")
+    b = read_prompts(benign or default_calibration()[0])
+    h = read_prompts(harmful or default_calibration()[1])
     b = b[-s.n_benign:] if benign is None else b
     h = h[-s.n_harmful:] if harmful is None else h
     # every other conversation of each tier carries Q-resafe's ASR_Vanilla system prompt ("... always
@@ -508,8 +512,8 @@ def train(model, tokenizer, patch: list[dict[str, str]], s: Settings, log) -> di
             opt.step()
             step += 1
             loss, dpo, nll_w = loss.detach(), dpo.detach(), nll_w.detach()
-            history.append({"step": step, "loss": round(float(loss), 5), "dpo": round(float(dpo), 5), "nll_w": round(float(nll_w), 5), "margin": round(float(margin.mean()), 5),
-                            "accuracy": round(float((margin > 0).float().mean()), 3)})
+            history.append({"step": step, "loss": round(float(loss), 5), "dpo": round(float(dpo), 5), "nll_w": round(float(nll_w), 5),
+                            "margin": round(float(margin.mean()), 5), "accuracy": round(float((margin > 0).float().mean()), 3)})
             log(f"epoch {epoch + 1} step {step}: loss {float(loss):.4f} (DPO {float(dpo):.4f}, NLL of y_w {float(nll_w):.3f}), "
                 f"reward margin {float(margin.mean()):.3f}")
     masked.remove()
@@ -571,9 +575,9 @@ def patch(model: str, out: Path, s: Settings, mode: str = "dpo", benign: Path | 
         raise
     step = {"intervention": "qresafe", "name": "qresafe", "options": {"mode": mode, **vars(s)},
             "inputs": {"patch_set": recipes.input_file(out / "patch_set.jsonl"),
-                       **({"benign": recipes.input_file(benign)} if benign else {}),
-                       **({"harmful": recipes.input_file(harmful)} if harmful else {}),
-                       **({"reused_patch_set": recipes.input_file(patch_set)} if patch_set else {})},
+                       **({"benign": recipes.input_file(benign or default_calibration()[0]),
+                           "harmful": recipes.input_file(harmful or default_calibration()[1])} if patch_set is None else
+                          {"reused_patch_set": recipes.input_file(patch_set)})},
             "teacher": teacher_name if patch_set is None else "from the reused patch set",
             "versions": recipes.versions("peft", "bitsandbytes", "hqq"),
             "figures": {"pairs": len(rows), "patch_set_seconds": round(gen_seconds, 1), **figures},

@@ -81,6 +81,42 @@ model_id = "mock-model"
     assert p.stderr.count("exists; reusing it") == 2 and hosted.stats()["requests"] == before
 
 
+def test_steps_chain_and_each_is_prepared_once(tmp_path, capsys):
+    """prune -> quantize as a list of steps; a second variant sharing the prune step reuses its folder,
+    and an interrupted step (a folder without a recipe) is prepared again."""
+    from evalkit.matrix import load_matrix, prepare, step_folder
+
+    tiny_llama(tmp_path / "tiny")
+    (tmp_path / "calib.txt").write_text(" ".join(CORPUS * 20))
+    (tmp_path / "m.toml").write_text('''
+models_dir = "models"
+[[variant]]
+name = "wanda"
+prune = { base = "tiny", method = "wanda", sparsity = "2:4", calibration = "calib.txt", nsamples = 4, seqlen = 32 }
+device = "cpu"
+[[variant]]
+name = "wanda-bnb8"
+model = "tiny"
+steps = [{ run = "compress", method = "wanda", sparsity = "2:4", calibration = "calib.txt", nsamples = 4, seqlen = 32 },
+         { run = "quantize", quant = "bnb8" }]
+device = "cpu"
+''')
+    m = load_matrix(tmp_path / "m.toml")
+    pruned = prepare(m.variant[0], m.models_dir)
+    interrupted = step_folder(m.models_dir, pruned, m.variant[1].steps[1], "cpu")
+    interrupted.mkdir()
+    (interrupted / "config.json").write_text("{half")
+    chained = prepare(m.variant[1], m.models_dir)
+    err = capsys.readouterr().err
+    assert "wanda-bnb8: compress step" in err and "exists; reusing it" in err and "was not finished" in err
+    assert chained == str(interrupted)
+    assert len(list((tmp_path / "models").glob("compress-*"))) == 1
+    recipe = orjson.loads((tmp_path / chained / "evalkit_recipe.json").read_bytes())
+    assert [st["name"] for st in recipe["steps"]] == ["wanda-2:4", "bnb8"] and recipe["steps"][1]["input"] == pruned
+    assert recipe["base"]["model"] == str(tmp_path / "tiny")
+    assert prepare(m.variant[1], m.models_dir) == chained  # nothing prepared again
+
+
 @pytest.mark.parametrize("body,msg", [
     ('[[variant]]\nname = "a"\nmodel = "x"\nendpoint = ["http://h/v1"]\nmodel_id = "m"\n', "exactly one of model"),
     ('[[variant]]\nname = "a"\nendpoint = ["http://h/v1"]\n', "needs model_id"),

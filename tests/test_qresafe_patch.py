@@ -247,26 +247,35 @@ def test_patch_bnb4_end_to_end_and_serve(tiny, tmp_path):
     assert not torch.allclose(with_adapter, without)
 
 
-def test_bad_input_gets_one_line(tiny, tmp_path):
+def test_bad_input_gets_one_line(tiny, tmp_path, capsys):
+    def run(*args):  # in-process: the same main() the command runs, without a torch import per case
+        code = qresafe.main([str(a) for a in args])
+        return code, capsys.readouterr().err
+
     (tmp_path / "empty.txt").write_text("\n\n")
-    p = _qresafe(tiny, tmp_path / "o1", "--benign", tmp_path / "empty.txt")
-    assert p.returncode == 2 and "holds no prompts" in p.stderr and "Traceback" not in p.stderr and not (tmp_path / "o1").exists()
-    p = _qresafe(tiny, tmp_path / "o2", "--mode", "mixed-precision")
-    assert p.returncode == 2 and "whole linear layers" in p.stderr
-    p = _qresafe(tiny, tmp_path / "o3", "--quant", "gptq")
-    assert p.returncode == 2 and "choose from bnb4, bnb8, hqq" in p.stderr
+    code, err = run(tiny, tmp_path / "o1", "--benign", tmp_path / "empty.txt")
+    assert code == 2 and "holds no prompts" in err and not (tmp_path / "o1").exists()
+    code, err = run(tiny, tmp_path / "o2", "--mode", "mixed-precision")
+    assert code == 2 and "whole linear layers" in err
+    code, err = run(tiny, tmp_path / "o3", "--quant", "gptq")
+    assert code == 2 and "choose from bnb4, bnb8, hqq" in err
     (tmp_path / "notamodel").mkdir()
     (tmp_path / "notamodel" / "config.json").write_text("{}")
-    p = _qresafe(tmp_path / "notamodel", tmp_path / "o4", "--n-benign", "1", "--n-harmful", "1")
-    assert p.returncode == 2 and "qresafe: error:" in p.stderr and "Traceback" not in p.stderr
+    code, err = run(tmp_path / "notamodel", tmp_path / "o4", "--n-benign", "1", "--n-harmful", "1")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("qresafe: error: cannot read the config") and "Traceback" not in err
     # a teacher that refuses connections fails before anything is written
-    p = _qresafe(tiny, tmp_path / "o5", "--n-benign", "1", "--n-harmful", "2", "--teacher-endpoint",
-                 f"http://127.0.0.1:{free_port()}/v1", "--teacher-model", "t")
-    assert p.returncode == 2 and "teacher" in p.stderr and "failed" in p.stderr and "Traceback" not in p.stderr
-    assert not (tmp_path / "o5").exists()
+    code, err = run(tiny, tmp_path / "o5", "--n-benign", "1", "--n-harmful", "2", "--teacher-endpoint",
+                    f"http://127.0.0.1:{free_port()}/v1", "--teacher-model", "t")
+    assert code == 2 and "teacher" in err and "failed" in err and not (tmp_path / "o5").exists()
+    code, err = run(tiny, tmp_path / "o6", "--teacher-endpoint", "http://127.0.0.1:9/v1")
+    assert code == 2 and "needs --teacher-model" in err
     # a model quantized already is refused: Q-resafe needs the full-precision one for y_w
     from servers.quantize import quantize
 
     quantize(str(tiny), tmp_path / "q", "bnb4", device="cpu")
-    p = _qresafe(tmp_path / "q", tmp_path / "o6")
-    assert p.returncode == 2 and "already quantized (bnb4)" in p.stderr
+    code, err = run(tmp_path / "q", tmp_path / "o7")
+    assert code == 2 and "already quantized (bnb4)" in err
+    # a broken saved patch set
+    (tmp_path / "ps.jsonl").write_text('{"x": "a", "y_w": "b"}\n')
+    code, err = run(tiny, tmp_path / "o8", "--patch-set", tmp_path / "ps.jsonl")
+    assert code == 2 and "ps.jsonl:1: a patch-set line needs string fields x, y_w and y_l" in err
