@@ -557,22 +557,27 @@ def patch(model: str, out: Path, s: Settings, mode: str = "dpo", benign: Path | 
         import torch
 
         torch.set_num_threads(s.threads)
-    log(f"quantizing {model} ({s.quant}) into {out}")
+    # Q⁰ goes to a folder of its own inside OUT and moves up when the patch is done, so OUT has
+    # no recipe (is unfinished) until then, even if the process is killed
+    base = out / "quantized.partial"
+    log(f"quantizing {model} ({s.quant}) into {base}")
     try:
-        quantize(model, out, s.quant, s.hqq_bits, s.hqq_group_size, device)
+        quantize(model, base, s.quant, s.hqq_bits, s.hqq_group_size, device)
     except LoadError as e:
         raise PatchError(str(e)) from None
-    try:
-        if rows is None:
-            rows = build_patch_set(model, out, prompts, y_w_harmful, s, device, teacher_name, log)
-        with open(out / "patch_set.jsonl", "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        gen_seconds = time.time() - started
-        figures = _train_and_save(out, s, rows, device, log)
-    except BaseException:
-        recipes.unfinish(out)  # no recipe: nothing serves or reuses a half-patched folder
-        raise
+    if rows is None:
+        rows = build_patch_set(model, base, prompts, y_w_harmful, s, device, teacher_name, log)
+    with open(out / "patch_set.jsonl", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    gen_seconds = time.time() - started
+    figures = _train_and_save(base, out / "adapter", s, rows, device, log)
+    quantized = recipes.read(base)
+    for f in base.iterdir():
+        if f.name != recipes.RECIPE_FILE:
+            os.replace(f, out / f.name)
+    (base / recipes.RECIPE_FILE).unlink()
+    base.rmdir()
     step = {"intervention": "qresafe", "name": "qresafe", "options": {"mode": mode, **vars(s)},
             "inputs": {"patch_set": recipes.input_file(out / "patch_set.jsonl"),
                        **({"benign": recipes.input_file(benign or default_calibration()[0]),
@@ -582,14 +587,14 @@ def patch(model: str, out: Path, s: Settings, mode: str = "dpo", benign: Path | 
             "versions": recipes.versions("peft", "bitsandbytes", "hqq"),
             "figures": {"pairs": len(rows), "patch_set_seconds": round(gen_seconds, 1), **figures},
             "seconds": round(time.time() - started, 1)}
-    return recipes.append(out, step, runtime=[{"kind": "lora", "path": "adapter"}])
+    return recipes.append(out, step, runtime=[{"kind": "lora", "path": "adapter"}], onto=quantized)
 
 
-def _train_and_save(out: Path, s: Settings, rows: list[dict[str, str]], device: str, log) -> dict[str, Any]:
+def _train_and_save(base: Path, adapter: Path, s: Settings, rows: list[dict[str, str]], device: str, log) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    loaded = load(ModelSpec(str(out), device=device))
+    loaded = load(ModelSpec(str(base), device=device))
     model, tok = loaded.model, loaded.tokenizer
     targets = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} & set(LORA_TARGETS))
     if not targets:
@@ -598,7 +603,7 @@ def _train_and_save(out: Path, s: Settings, rows: list[dict[str, str]], device: 
     model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0, target_modules=targets,
                                              task_type="CAUSAL_LM"))
     figures = train(model, tok, rows, s, log)
-    model.save_pretrained(out / "adapter")
+    model.save_pretrained(adapter)
     return {**figures, "lora_targets": targets, "peak_rss_mb": _peak_rss_mb()}
 
 

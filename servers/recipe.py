@@ -96,9 +96,11 @@ def write(out: Path, model: str, source: dict[str, Any] | None, step: dict[str, 
     return _save(out, recipe, step, runtime)
 
 
-def append(out: Path, step: dict[str, Any], runtime: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Add a step done in place on OUT (e.g. an adapter trained on the checkpoint just written there)."""
-    recipe = read(out)
+def append(out: Path, step: dict[str, Any], runtime: list[dict[str, Any]] | None = None,
+           onto: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Add a step done in place on OUT (e.g. an adapter trained on the checkpoint now there), to OUT's
+    recipe or to `onto`, the recipe of the checkpoint OUT took its weights from."""
+    recipe = onto or read(out)
     if recipe is None:
         raise RecipeError(f"{out} has no {RECIPE_FILE} to add a step to")
     return _save(out, recipe, {**step, "input": str(out.resolve())}, runtime)
@@ -112,11 +114,6 @@ def _save(out: Path, recipe: dict[str, Any], step: dict[str, Any], runtime: list
     tmp.write_text(json.dumps(recipe, indent=2) + "\n")
     os.replace(tmp, out / RECIPE_FILE)
     return recipe
-
-
-def unfinish(out: Path) -> None:
-    """Remove OUT's recipe: a step failed after an earlier one had finished there."""
-    (out / RECIPE_FILE).unlink(missing_ok=True)
 
 
 def chain_name(recipe: dict[str, Any]) -> str:

@@ -200,6 +200,7 @@ def test_patch_bnb4_end_to_end_and_serve(tiny, tmp_path):
     assert fig["steps"] == 6 and fig["pairs"] == 6 and fig["final_loss"] < fig["first_loss"]
     assert recipe["steps"][-1]["inputs"]["benign"]["sha256"] and (out / "adapter" / "adapter_config.json").is_file()
     assert not list((tmp_path / "serve").glob("*.json"))  # the generation servers were stopped
+    assert not (out / "quantized.partial").exists() and (out / "model.safetensors").is_file()
 
     # serve.sh serves the folder as it is: quantized base + the unmerged adapter, named by the recipe
     state = {**os.environ, **env}
@@ -279,3 +280,20 @@ def test_bad_input_gets_one_line(tiny, tmp_path, capsys):
     (tmp_path / "ps.jsonl").write_text('{"x": "a", "y_w": "b"}\n')
     code, err = run(tiny, tmp_path / "o8", "--patch-set", tmp_path / "ps.jsonl")
     assert code == 2 and "ps.jsonl:1: a patch-set line needs string fields x, y_w and y_l" in err
+
+
+def test_a_patch_that_dies_leaves_no_recipe(tiny, tmp_path, monkeypatch):
+    """Until the adapter is saved, OUT holds no recipe, so neither serve.sh nor the matrix takes
+    a half-patched folder for a finished one."""
+    (tmp_path / "ps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PATCH))
+
+    def dies(*args, **kwargs):
+        assert (tmp_path / "out" / "quantized.partial" / "evalkit_recipe.json").is_file()  # Q⁰ is complete in its own folder
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(qresafe, "train", dies)
+    with pytest.raises(RuntimeError, match="killed"):
+        qresafe.main([str(tiny), str(tmp_path / "out"), "--patch-set", str(tmp_path / "ps.jsonl"), "--device", "cpu"])
+    from servers import recipe as recipes
+
+    assert recipes.read(tmp_path / "out") is None

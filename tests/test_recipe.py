@@ -55,8 +55,9 @@ def test_steps_chain_and_the_served_id_names_them(tmp_path):
     assert recipes.read(tmp_path / "q") == third and third["runtime"] == [{"kind": "lora", "path": "adapter"}]
     assert recipes.chain_name(third) == "magnitude-2:4+bnb4+qresafe"
     assert recipes.served_id("hub/model") == "hub/model" and recipes.served_id("x", "Stem-123") == "Stem-123"
-    recipes.unfinish(tmp_path / "q")
-    assert recipes.read(tmp_path / "q") is None
+    (tmp_path / "r").mkdir()  # a step done in a new folder onto another's recipe
+    fourth = recipes.append(tmp_path / "r", {"intervention": "qresafe", "name": "qresafe"}, onto=second)
+    assert recipes.chain_name(fourth) == "magnitude-2:4+bnb4+qresafe" and recipes.read(tmp_path / "r") == fourth
 
 
 def test_input_files_carry_their_sha256(tmp_path):
