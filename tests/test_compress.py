@@ -3,14 +3,14 @@ computations of their formulas on one small layer, and a tiny Llama pruned end t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -110,7 +110,13 @@ def test_sparsegpt_matches_sequential_obs(sp):
 
 
 def _prune_cli(*args):
-    return subprocess.run([sys.executable, "-m", "servers.compress", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    """`python -m servers.compress ARGS`, in-process (its main(); the matrix test runs the real command)."""
+    from servers.compress import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())
 
 
 @pytest.mark.parametrize("method,sparsity", [("wanda", "2:4"), ("sparsegpt", "4:8"), ("magnitude", "0.5")])

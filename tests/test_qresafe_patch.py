@@ -233,9 +233,13 @@ def test_patch_bnb4_end_to_end_and_serve(tiny, tmp_path):
     assert not torch.allclose(with_adapter, without)
 
     # HQQ, from the saved patch set (reused: nothing generated, no server started), recorded by sha256
-    again = _qresafe(tiny, tmp_path / "again", "--quant", "hqq", "--patch-set", out / "patch_set.jsonl", "--epochs", "2",
-                     "--batch-size", "2", "--lr", "0.05", "--device", "cpu", env={**env, "EVALKIT_SERVE_DIR": str(tmp_path / "none")})
-    assert again.returncode == 0, again.stderr
+    os.environ["EVALKIT_SERVE_DIR"] = str(tmp_path / "none")  # in-process this time: the same main() the command runs
+    try:
+        code = qresafe.main([str(a) for a in (tiny, tmp_path / "again", "--quant", "hqq", "--patch-set", out / "patch_set.jsonl",
+                                              "--epochs", "2", "--batch-size", "2", "--lr", "0.05", "--device", "cpu")])
+    finally:
+        os.environ.pop("EVALKIT_SERVE_DIR")
+    assert code == 0
     rec2 = json.loads((tmp_path / "again" / "evalkit_recipe.json").read_text())
     assert rec2["format"] == "hqq" and [s["name"] for s in rec2["steps"]] == ["hqq4-g64", "qresafe"]
     assert rec2["steps"][-1]["inputs"]["reused_patch_set"]["path"] == str((out / "patch_set.jsonl").resolve())
