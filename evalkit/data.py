@@ -11,6 +11,8 @@ from typing import Any, Iterable
 
 import orjson
 
+from .datasets import cache_dir
+
 
 class DataError(Exception):
     """A dataset problem: missing folder or file, or a malformed row (message names file:line)."""
@@ -26,8 +28,6 @@ class Item:
 
 def resolve_data_root(option: Path | None) -> Path:
     """--data-path, else $EVALKIT_DATA, else the datasets cache (`evalkit datasets fetch`)."""
-    from .datasets import cache_dir
-
     if option is not None:
         root, origin = Path(option), "--data-path"
     elif os.environ.get("EVALKIT_DATA"):
@@ -167,11 +167,3 @@ def load_csv(path: Path, required: Iterable[str]) -> list[dict[str, str]]:
     return rows
 
 
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

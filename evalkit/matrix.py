@@ -273,7 +273,7 @@ def stop_server(name: str) -> None:
 
 
 def run_matrix(path: Path, only: list[str] | None = None, dry_run: bool = False) -> int:
-    from .cli import run_stages
+    from .stages import run_stages
     from .report import compare
 
     m = load_matrix(path)

@@ -23,7 +23,8 @@ from typing import Any, Iterator
 import orjson
 
 from .config import ConfigError, RunConfig, key_source, redact_url, resolve_api_key
-from .data import Item, dataset_file, resolve_data_root, sha256_file
+from .data import Item, dataset_file, resolve_data_root
+from .datasets import sha256_file
 from .engine import Engine, FatalAuthError, Request, RequestFailure, Result
 from .judges import JUDGES, QUESTIONS, TOXICITY_JUDGES, JudgeError, Verdict, check_judge_names
 from .metrics import Metric, degenerate, rate

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from evalkit.data import sha256_file
+from evalkit.datasets import sha256_file
 
 RECIPE_FILE = "evalkit_recipe.json"
 # the marker files written before the recipe contract; read as one-step recipes

@@ -23,6 +23,14 @@ from typing import Any
 from pydantic import BaseModel
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class DatasetFile(BaseModel):
     path: str
     sha256: str
@@ -78,7 +86,6 @@ def expected_sha256(dataset: str, rel: str) -> str | None:
 
 def file_status(root: Path, ds: Dataset) -> tuple[int, int]:
     """(files present, files whose sha256 matches) under root/<dataset>."""
-    from ..data import sha256_file
 
     present = ok = 0
     for f in ds.files:
@@ -127,7 +134,6 @@ async def fetch(names: list[str], dest_root: Path | None = None, mirror: str | N
     """Download and verify datasets; returns one line per file. Already-verified files are kept."""
     import aiohttp
 
-    from ..data import sha256_file
 
     dest_root = dest_root or cache_dir()
     datasets = [get(n) for n in (names or sorted(registry()))]

@@ -1,0 +1,78 @@
+"""The stages of one evaluation (generate -> judge -> score) for a configuration, with their console
+lines: what `evalkit run / generate / evaluate` and `evalkit matrix` call."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+
+async def run_stages(cfg, stages: tuple[str, ...]) -> int:
+    """The stages of `run` / `generate` / `evaluate` for one configuration (also used by `matrix`)."""
+    from .pipeline import RunContext, discover_model, generate, judge, load_manifest, model_slug, score
+    from .tasks import select
+
+    tasks = select(cfg.dimensions, cfg.subtasks)
+    if "generate" in stages:
+        model = await discover_model(cfg)
+        run_dir = cfg.output / (cfg.run_name or model_slug(model))
+    else:
+        run_dir, model = _existing_run(cfg)
+    ctx = RunContext(cfg, tasks, model, run_dir, load_manifest(run_dir))
+    print(f"evalkit: model {model}, run folder {run_dir}, subtasks {', '.join(t.name for t in tasks)}", file=sys.stderr)
+    if "generate" in stages:
+        g = await generate(ctx)
+        if g.get("requests"):
+            lat = g.get("e2e_latency_s")  # none when several APIs were used (see by_api in the manifest)
+            print(
+                f"evalkit: generated {g['requests']} answers in {g['wall_s']:.1f} s ({g['requests_per_s']:.0f} req/s), "
+                f"{g['errors']} errors, {g['retries']} retries ({g['rate_limited']} rate-limited), "
+                f"{g['usage']['completion_tokens']} output tokens"
+                + (f", latency p50 {lat['p50']:.3f} s p99 {lat['p99']:.3f} s" if lat else ""),
+                file=sys.stderr,
+            )
+    if "judge" in stages:
+        await judge(ctx)
+        results = score(ctx)
+        _print_results(results, [t.name for t in tasks])
+        print(f"evalkit: results in {run_dir / 'results.json'}", file=sys.stderr)
+    else:
+        print(f"evalkit: responses in {run_dir / 'responses'}; judge and score them with `evalkit evaluate`", file=sys.stderr)
+    return 0
+
+
+def _existing_run(cfg) -> tuple[Path, str]:
+    from .config import ConfigError
+    from .pipeline import load_manifest, model_slug
+
+    if cfg.run_name:
+        run_dir = cfg.output / cfg.run_name
+        if not run_dir.is_dir():
+            raise ConfigError(f"no run folder {run_dir}: run `evalkit generate --run-name {cfg.run_name}` first, or check --output")
+        return run_dir, cfg.model or load_manifest(run_dir).get("model", cfg.run_name)
+    if cfg.model:
+        run_dir = cfg.output / model_slug(cfg.model)
+        if not run_dir.is_dir():
+            raise ConfigError(f"no run folder {run_dir} for model {cfg.model}: run `evalkit generate` first, or check --output")
+        return run_dir, cfg.model
+    runs = sorted(p for p in cfg.output.glob("*") if (p / "responses").is_dir()) if cfg.output.is_dir() else []
+    if len(runs) != 1:
+        found = ", ".join(p.name for p in runs) or "none"
+        raise ConfigError(f"pass --model to choose the run to evaluate under {cfg.output} (found: {found})")
+    return runs[0], load_manifest(runs[0]).get("model", runs[0].name)
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _print_results(results: dict[str, Any], names: list[str]) -> None:
+    rows = [("subtask", "metric", "value", "trustllm", "n", "invalid", "judge")]
+    for name in names:
+        for m in results["subtasks"][name]["metrics"]:
+            arrow = "↑" if m["direction"] == "higher_is_better" else "↓"
+            rows.append((name, f"{m['name']} {arrow}", _fmt(m["value"]), _fmt(m.get("trustllm_value")), str(m["n"]), str(m["n_invalid"]), m["judge"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
