@@ -26,7 +26,7 @@ from .config import ConfigError, RunConfig, key_source, redact_url, resolve_api_
 from .data import Item, dataset_file, resolve_data_root
 from .datasets import sha256_file
 from .engine import Engine, FatalAuthError, Request, RequestFailure, Result
-from .judges import JUDGES, QUESTIONS, TOXICITY_JUDGES, JudgeError, Verdict, check_judge_names
+from .judges import HARM_ONLY_JUDGES, JUDGES, QUESTIONS, TOXICITY_JUDGES, JudgeError, Verdict, check_judge_names
 from .metrics import Metric, degenerate, rate
 from .records import JsonlWriter, JudgmentRecord, ResponseRecord, load_for_resume, read_records, record_key
 from .tasks import RULE_JUDGE, Scored, Task
@@ -348,11 +348,12 @@ def judges_for(cfg: RunConfig, task: Task) -> list[str]:
         return names
     names = cfg.judges or list(task.default_judges)
     check_judge_names(names)
-    if task.question != "harm" and "harmfulness" in names:  # it rates answers to harmful requests only
-        names = [n for n in names if n != "harmfulness"]
+    harm_only = [n for n in names if n in HARM_ONLY_JUDGES]
+    if task.question != "harm" and harm_only:  # they rate answers to harmful requests only
+        names = [n for n in names if n not in HARM_ONLY_JUDGES]
         if not names:
-            raise JudgeError(f"the harmfulness judge rates answers to harmful requests; {task.name} asks "
-                             f"{task.question!r}: add another judge to --judges (e.g. keyword,harmfulness)")
+            raise JudgeError(f"the {harm_only[0]} judge rates answers to harmful requests; {task.name} asks "
+                             f"{task.question!r}: add another judge to --judges (e.g. keyword,{harm_only[0]})")
     return names
 
 
@@ -452,14 +453,15 @@ def make_judge(cfg: RunConfig, name: str):
         from .judges.classifier import ClassifierJudge
 
         return ClassifierJudge(cfg.classifier_model, cfg.classifier_device, cfg.classifier_batch_size)
-    if name in ("llm", "harmfulness"):
-        from .judges.llm import HarmfulnessJudge, LLMJudge
+    if name in ("llm", *HARM_ONLY_JUDGES):
+        from .judges.llm import HarmfulnessJudge, LLMJudge, SafetyArithmeticJudge
 
         if not cfg.judge_endpoint:
             raise JudgeError(f"the {name} judge needs --judge-endpoint URL (any OpenAI-compatible chat endpoint) and --judge-model")
         if not cfg.judge_model:
             raise JudgeError(f"the {name} judge needs --judge-model NAME (the judge endpoint's model id)")
-        return (LLMJudge if name == "llm" else HarmfulnessJudge)(cfg.judge_model, cfg.judge_endpoint, cfg.judge_api_key_env)
+        kind = {"llm": LLMJudge, "harmfulness": HarmfulnessJudge, "safety_arithmetic": SafetyArithmeticJudge}[name]
+        return kind(cfg.judge_model, cfg.judge_endpoint, cfg.judge_api_key_env)
     if name == "embedding":
         from .judges.embedding import EmbeddingJudge, LocalEmbeddingJudge
 

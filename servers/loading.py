@@ -16,8 +16,8 @@ A GGUF file (model="x.gguf", or a folder plus gguf_file) or a packaged model's s
 `load()` ends by calling every hook in `hooks(model, tokenizer)`: the one place where later
 interventions (weight edits, activation hooks, LoRA adapters) attach to a loaded model. A hook
 changes the model in place or returns the model that replaces it (peft wraps the model). The
-runtime interventions a recipe folder names (`runtime` in evalkit_recipe.json, e.g. an unmerged
-LoRA adapter) are attached this way, first, before the caller's own hooks.
+runtime interventions a recipe folder names (`runtime` in evalkit_recipe.json: an unmerged
+LoRA adapter, a Safety Arithmetic safety vector) are attached this way, first, before the caller's own hooks.
 """
 
 from __future__ import annotations
@@ -217,6 +217,12 @@ def runtime_hook(folder: Path, rt: dict[str, Any]) -> Hook:
             return PeftModel.from_pretrained(model, str(path)).eval()
 
         return attach_lora
+    if rt["kind"] == "icv":
+        def attach_icv(model: Any, tokenizer: Any) -> None:
+            from .safety_arithmetic import attach_icv as attach
+
+            attach(model, folder, rt)
+        return attach_icv
     raise LoadError(f"{folder}: unknown runtime intervention {rt['kind']!r}")
 
 

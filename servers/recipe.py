@@ -1,12 +1,13 @@
 """The recipe file: the one contract every model intervention writes and the loader reads.
 
 An *offline* intervention is a command `python -m servers.<name> MODEL OUT [options]` (compress,
-quantize, qresafe) that writes a servable folder OUT and `OUT/evalkit_recipe.json`:
+quantize, qresafe, safety_arithmetic hdr|icv|finetune) that writes a servable folder OUT and `OUT/evalkit_recipe.json`:
 
     {"evalkit_recipe": 1,
      "base": {"model": "smollm2-135m", "source": {...GGUF file and sha256...}},   # where the chain began
      "format": "transformers" | "hqq",          # how the loader reads OUT's weights
-     "runtime": [{"kind": "lora", "path": "adapter"}],   # attached at load time (servers/loading.py)
+     "runtime": [{"kind": "lora", "path": "adapter"},    # attached at load time (servers/loading.py)
+                 {"kind": "icv", "path": "icv.safetensors", "alpha": 0.12, ...}],
      "steps": [{"intervention": "compress", "name": "wanda-2:4", "options": {...},
                 "inputs": {"calibration": {"path": ..., "sha256": ...}}, "versions": {...},
                 "figures": {"measured_sparsity": 0.5, ...}, "seconds": 12.3, "finished": "..."}, ...]}
@@ -32,7 +33,7 @@ from evalkit.datasets import sha256_file
 RECIPE_FILE = "evalkit_recipe.json"
 # the marker files written before the recipe contract; read as one-step recipes
 LEGACY_FILES = {"evalkit_compress.json": "compress", "evalkit_quantize.json": "quantize"}
-RUNTIME_KINDS = ("lora",)
+RUNTIME_KINDS = ("lora", "icv")
 
 
 class RecipeError(Exception):

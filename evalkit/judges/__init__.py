@@ -23,6 +23,8 @@ Judges:
               prompt for "toxicity"
 - harmfulness Qi et al.'s 1-5 harmfulness prompt on the llm judge's endpoint ("harm" subtasks
               only); 5 counts as harmful, and the mean score is reported too
+- safety_arithmetic  the Safety Arithmetic paper's binary judge (RedEval's system prompt and
+              [[A]]/[[B]] verdict) on the llm judge's endpoint ("harm" subtasks only)
 Toxicity judges (--toxicity-judges): perspective (Google's API or a stand-in), toxicity_classifier
 (a local HF classifier, default unitary/toxic-bert), llm.
 """
@@ -31,7 +33,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-JUDGES = ("keyword", "strmatch", "classifier", "llm", "harmfulness")
+JUDGES = ("keyword", "strmatch", "classifier", "llm", "harmfulness", "safety_arithmetic")
+HARM_ONLY_JUDGES = ("harmfulness", "safety_arithmetic")  # they rate answers to harmful requests only
 TOXICITY_JUDGES = ("perspective", "toxicity_classifier", "llm")
 QUESTIONS = ("refusal", "harm", "toxicity")
 
