@@ -4,7 +4,8 @@ one command, then compare them.
     evalkit matrix examples/cpu_matrix.toml [--only dense,bnb4] [--dry-run]
 
 For each variant, in file order: prepare it if needed (its `steps`, each an offline intervention
-`python -m servers.<run> INPUT OUT [options]` written once under `models_dir` and reused by every
+`python -m servers.<run> INPUT OUT [options]`, or `servers.safety_arithmetic <run>` for hdr, icv
+and finetune, written once under `models_dir` and reused by every
 variant that shares the same chain up to it), start its server through serve.sh's manager (HF or
 vLLM backend, any --quant), run generate -> judge -> score into `<output>/<variant name>/`, stop
 the server, and go on. A `[judge]` server is started once and stays up across variants. At the
@@ -39,6 +40,11 @@ File layout (TOML):
     name = "wanda-bnb4-qresafe"                 # steps compose: prune, then quantize and patch
     model = "models/tiny-llama"
     steps = [{ run = "compress", method = "wanda", sparsity = "2:4" }, { run = "qresafe", quant = "bnb4" }]
+    [[variant]]
+    name = "hdr-icv"                            # Safety Arithmetic: HDR, then a safety vector on top
+    model = "models/sft"
+    steps = [{ run = "hdr", harm_model = "models/harm", base = "models/aligned", lam = 3 },
+             { run = "icv", pairs = "data/icv_pairs.jsonl", alpha = 0.12 }]
     [[variant]]
     name = "hosted"
     endpoint = "https://api.example.com/v1"   # nothing is started
@@ -86,8 +92,11 @@ class Server(ServeSpec):
                                                                        "e.g. [\"--max-batch-size\", \"128\"]")
 
 
-PATH_OPTIONS = ("calibration", "benign", "harmful", "patch_set")
-INTERVENTIONS = ("compress", "quantize", "qresafe")  # offline interventions: python -m servers.<run> INPUT OUT [options]
+PATH_OPTIONS = ("calibration", "benign", "harmful", "patch_set", "harm_model", "harm_data", "base", "pairs", "data")
+# offline interventions: `python -m <module> [command] INPUT OUT [options]`
+INTERVENTIONS = {"compress": ["servers.compress"], "quantize": ["servers.quantize"], "qresafe": ["servers.qresafe"],
+                 "hdr": ["servers.safety_arithmetic", "hdr"], "icv": ["servers.safety_arithmetic", "icv"],
+                 "finetune": ["servers.safety_arithmetic", "finetune"]}
 
 
 class Step(BaseModel):
@@ -96,7 +105,7 @@ class Step(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    run: Literal["compress", "quantize", "qresafe"]
+    run: Literal["compress", "quantize", "qresafe", "hdr", "icv", "finetune"]
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -245,7 +254,8 @@ def prepare(v: Variant, models_dir: Path) -> str:
 
             _log(f"{v.name}: {out} was not finished; preparing it again")
             shutil.rmtree(out)
-        cmd = [sys.executable, "-m", f"servers.{st.run}", current, str(out), *st.argv()]
+        module, *command = INTERVENTIONS[st.run]
+        cmd = [sys.executable, "-m", module, *command, current, str(out), *st.argv()]
         if v.device != "auto" and "device" not in st.options():
             cmd += ["--device", v.device]
         _log(f"{v.name}: {st.run} {' '.join(st.argv())} on {current} into {out}")

@@ -201,7 +201,10 @@ async def _answers(url: str, model_id: str, convs: list[dict[str, Any]], max_tok
 
     reqs = [Request(key=str(i), body={"messages": messages(c.get("system"), c["prompt"]), "max_tokens": max_tokens,
                                       "temperature": 0.0}, meta=i) for i, c in enumerate(convs)]
-    cfg = EngineConfig(concurrency=256, max_attempts=3, progress=False, attempt_timeout=600)
+    # every prompt is sent at once and waits in the server's queue: on a CPU a few hundred answers
+    # take longer than the engine's default attempt timeout, and a timed-out request resent would
+    # be computed twice
+    cfg = EngineConfig(concurrency=256, max_attempts=3, progress=False, attempt_timeout=7200, max_request_time=14400)
     try:
         async with Engine(cfg, [url], api_key) as eng:
             eng.model = model_id

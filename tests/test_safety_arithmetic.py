@@ -297,3 +297,25 @@ def test_asr_fluent_counts_degenerate_answers_as_no_success():
             row(2, "I'm sorry, I cannot help.", "refusal"), row(3, "", "compliance")]
     m = {x.name: x.value for x in harm_metrics(rows, "J", per_group=False)}
     assert m["asr"] == 0.75 and m["asr_fluent"] == 0.25  # 3 of 4 "jailbroken", one of them readable
+
+
+def test_matrix_steps_run_hdr_then_icv_with_paths_relative_to_the_file(tiny, tmp_path):
+    from evalkit.matrix import load_matrix, prepare
+
+    harm = tmp_path / "harm"
+    m = _perturbed(tiny, 5, 0.02)
+    m.save_pretrained(harm)
+    transformers.AutoTokenizer.from_pretrained(tiny).save_pretrained(harm)
+    _pairs(tmp_path / "pairs.jsonl")
+    (tmp_path / "m.toml").write_text(f'''
+models_dir = "models"
+[[variant]]
+name = "hdr-icv"
+model = "{tiny}"
+steps = [{{ run = "hdr", harm_model = "harm", lam = 2, topk = 5 }}, {{ run = "icv", pairs = "pairs.jsonl", alpha = 0.3 }}]
+device = "cpu"
+''')
+    folder = prepare(load_matrix(tmp_path / "m.toml").variant[0], tmp_path / "models")
+    recipe = json.loads((tmp_path / folder / "evalkit_recipe.json").read_text())
+    assert [s["name"] for s in recipe["steps"]] == ["hdr-k5-l2", "icv-a0.3"]
+    assert recipe["steps"][0]["options"]["harm_model"] == str(harm) and recipe["runtime"][0]["kind"] == "icv"
