@@ -100,7 +100,8 @@ def start(a: argparse.Namespace) -> int:
         if gguf and a.quant != "none":
             return _fail(f"{gguf.path.name} is a GGUF file, already quantized: vLLM serves it with --quant none")
         if recipe and (recipe.get("runtime") or recipe.get("format") == "hqq"):
-            what = "an HQQ checkpoint" if recipe.get("format") == "hqq" else "a runtime intervention (an unmerged adapter)"
+            kinds = " and ".join(sorted({rt.get("kind", "?") for rt in recipe.get("runtime", [])}))
+            what = "an HQQ checkpoint" if recipe.get("format") == "hqq" else f"a runtime intervention ({kinds}: an unmerged adapter or a safety vector)"
             return _fail(f"{a.model} holds {what}, which vLLM does not serve: use --backend hf")
         try:
             tokenizer = str(tokenizer_folder(gguf)) if gguf else None
