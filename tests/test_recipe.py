@@ -78,8 +78,8 @@ def test_a_broken_recipe_gets_one_line(tmp_path):
     (tmp_path / "m" / "evalkit_recipe.json").write_text("{not json")
     with pytest.raises(recipes.RecipeError, match="not finished; prepare it again"):
         recipes.read(tmp_path / "m")
-    (tmp_path / "m" / "evalkit_recipe.json").write_text(json.dumps({"steps": [], "runtime": [{"kind": "icv"}]}))
-    with pytest.raises(recipes.RecipeError, match="runtime intervention 'icv' is not known"):
+    (tmp_path / "m" / "evalkit_recipe.json").write_text(json.dumps({"steps": [], "runtime": [{"kind": "steer"}]}))
+    with pytest.raises(recipes.RecipeError, match="runtime intervention 'steer' is not known"):
         recipes.read(tmp_path / "m")
     p = subprocess.run([sys.executable, "-m", "servers.manage", "start", str(tmp_path / "m")], cwd=REPO, capture_output=True,
                        text=True, env={**os.environ, "EVALKIT_SERVE_DIR": str(tmp_path / "s")})
