@@ -219,9 +219,12 @@ def runtime_hook(folder: Path, rt: dict[str, Any]) -> Hook:
         return attach_lora
     if rt["kind"] == "icv":
         def attach_icv(model: Any, tokenizer: Any) -> None:
-            from .safety_arithmetic import attach_icv as attach
+            from .steering import attach_icv as attach
 
-            attach(model, folder, rt)
+            try:
+                attach(model, folder, rt)
+            except ValueError as e:
+                raise LoadError(str(e)) from None
         return attach_icv
     raise LoadError(f"{folder}: unknown runtime intervention {rt['kind']!r}")
 

@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterable
 
 from . import recipe as recipes
 from .loading import LoadError, ModelSpec, load
+from .steering import FORMS, SITES, decoder_layers
 
 QUESTION_FIELDS = ("instruction", "prompt", "question", "goal")
 ANSWER_FIELDS = ("answer", "response", "output", "unsafe")
@@ -62,9 +63,6 @@ SAFE_ANSWER = "I do not answer this question because it is harmful"
 ICV_FILE = "icv.safetensors"
 TOKENS = ("last4", "last")
 DIRECTIONS = ("pc1+mean", "pc1", "mean")
-SITES = ("mlp", "resid")
-FORMS = ("code", "paper")
-CODE_SCALE = 0.1  # the constant the Safety Arithmetic code multiplies α by
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
@@ -210,19 +208,6 @@ def hdr_edit(target, base, harm, topk: float, lam: float, layers: list[int] | No
 # -- ICV: hidden states, PCA, the steering formula ----------------------------------------------
 
 
-def decoder_layers(model) -> list[Any]:
-    """The decoder blocks of a causal LM (the longest ModuleList named layers / h / blocks)."""
-    import torch
-
-    best: list[Any] = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks") and len(mod) > len(best):
-            best = list(mod)
-    if not best:
-        raise SafetyArithmeticError("the model has no decoder blocks named layers, h or blocks: ICV cannot find where to steer")
-    return best
-
-
 def hidden_states(model, tokenizer, texts: list[str], token: str):
     """(N, L, d): each text's hidden state after every decoder block, at its last token or the mean of its last 4."""
     import torch
@@ -273,45 +258,6 @@ def icv_direction(diffs, direction: str):
     else:
         v = mean
     return v.reshape(layers, d)
-
-
-def steer(x, v, alpha: float, form: str):
-    """x (..., d) moved away from v (d), the unsafe − safe direction, with its norm kept."""
-    import torch.nn.functional as F
-
-    xf = x.float()
-    norm = xf.norm(dim=-1, keepdim=True)
-    v = v.to(xf.device, xf.dtype)
-    if form == "code":
-        gate = 1 + F.cosine_similarity(xf, v.expand_as(xf), dim=-1).clamp(min=0).unsqueeze(-1)
-        y = F.normalize(F.normalize(xf, dim=-1) - CODE_SCALE * alpha * gate * F.normalize(v, dim=0), dim=-1) * norm
-    else:
-        y = xf - alpha * v
-        y = y * norm / y.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    return y.to(x.dtype)
-
-
-def attach_icv(model, folder: Path, rt: dict[str, Any]) -> None:
-    """The loader's runtime hook for {"kind": "icv"}: steer every position at the chosen layers."""
-    from safetensors.torch import load_file
-
-    path = folder / rt["path"]
-    if not path.is_file():
-        raise LoadError(f"{folder}: the recipe names the safety vector {path}, which is missing; prepare the folder again")
-    direction = load_file(str(path))["direction"]
-    blocks = decoder_layers(model)
-    if len(rt["layers"]) != direction.shape[0] or max(rt["layers"]) >= len(blocks):
-        raise LoadError(f"{path} does not fit this model ({len(blocks)} decoder blocks); prepare the folder again")
-    alpha, form = float(rt["alpha"]), rt["form"]
-    for row, i in zip(direction, rt["layers"]):
-        site = blocks[i].mlp if rt["site"] == "mlp" else blocks[i]
-
-        def hook(mod, args, out, v=row):
-            if isinstance(out, tuple):
-                return (steer(out[0], v, alpha, form), *out[1:])
-            return steer(out, v, alpha, form)
-
-        site.register_forward_hook(hook)
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -467,7 +413,10 @@ def icv(model: str, out: Path, pairs_file: Path, alpha: float, token: str, direc
         loaded = load(ModelSpec(model, device=device))
     except LoadError as e:
         raise SafetyArithmeticError(str(e)) from None
-    n_blocks = len(decoder_layers(loaded.model))
+    try:
+        n_blocks = len(decoder_layers(loaded.model))
+    except ValueError as e:
+        raise SafetyArithmeticError(str(e)) from None
     chosen = layers if layers is not None else list(range(n_blocks))
     if max(chosen) >= n_blocks:
         raise SafetyArithmeticError(f"--layers: the model has {n_blocks} decoder blocks (0-{n_blocks - 1})")

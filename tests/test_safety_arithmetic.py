@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 
 from servers import safety_arithmetic as sa  # noqa: E402
+from servers import steering  # noqa: E402
 from servers.loading import ModelSpec, load  # noqa: E402
 from servers.tiny import tiny_llama  # noqa: E402
 
@@ -125,14 +126,14 @@ def test_pca_direction_matches_numpy():
 def test_steer_formulas_by_hand_and_norms():
     x = torch.tensor([[3.0, 4.0, 0.0], [0.0, -2.0, 0.0]])
     v = torch.tensor([1.0, 0.0, 0.0])
-    out = sa.steer(x, v, 0.5, "code")
+    out = steering.steer(x, v, 0.5, "code")
     # row 1: ‖x‖ 5, x̂ (0.6, 0.8, 0), cos 0.6, gate 1.6, x̂ − 0.1·0.5·1.6·v̂ = (0.52, 0.8, 0)
     y = torch.tensor([0.52, 0.8, 0.0])
     assert torch.allclose(out[0], y / y.norm() * 5, atol=1e-6)
     # row 2: cos 0 -> gate 1: x̂ (0, -1, 0) − 0.05·v̂
     y = torch.tensor([-0.05, -1.0, 0.0])
     assert torch.allclose(out[1], y / y.norm() * 2, atol=1e-6)
-    paper = sa.steer(x, v, 2.0, "paper")
+    paper = steering.steer(x, v, 2.0, "paper")
     y = torch.tensor([1.0, 4.0, 0.0])  # x − α·v, then ‖x‖ restored
     assert torch.allclose(paper[0], y / y.norm() * 5, atol=1e-6)
     for o in (out, paper):
@@ -185,7 +186,7 @@ def test_icv_folder_hook_matches_the_formula(tiny, tmp_path):
         a, b = steered(ids).logits, m(ids).logits
     assert not torch.allclose(a, b)
     # block 0's MLP sees the same input in both models, so its output differs by the formula alone, at every position
-    assert torch.allclose(seen["steered"], sa.steer(seen["plain"], v[0], 0.5, "code"), atol=1e-5)
+    assert torch.allclose(seen["steered"], steering.steer(seen["plain"], v[0], 0.5, "code"), atol=1e-5)
     assert torch.allclose(seen["steered"].norm(dim=-1), seen["plain"].norm(dim=-1), atol=1e-4)
 
 
