@@ -17,6 +17,10 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model under test")
     g.add_argument("--config", type=Path, help="TOML file holding any of these options (underscored names)")
     g.add_argument("--endpoint", action="append", help="OpenAI-compatible base URL; repeat (or comma-separate) for replicas [http://127.0.0.1:8000/v1]")
+    g.add_argument("--endpoints-file", type=Path, help="file of replica base URLs (one per line), re-read during the run so "
+                   "replicas can join and leave; replaces --endpoint")
+    g.add_argument("--deployment", help="name for what the endpoints serve; answers are keyed on it instead of the checkpoint "
+                   "the servers report (or their host names) [see README: deployment identity]")
     g.add_argument("--model", help="model id to request [first id from GET /v1/models]")
     g.add_argument("--api-key-env", help="environment variable holding the API key [EVALKIT_API_KEY, else OPENAI_API_KEY]")
     g.add_argument("--api", choices=["chat", "completions"], help="endpoint kind [chat]")
@@ -51,7 +55,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--perspective-api-key-env", help="environment variable holding the Perspective key [PERSPECTIVE_API_KEY]")
     g = p.add_argument_group("engine")
     g.add_argument("--concurrency", type=int, help="requests in flight [64]")
-    g.add_argument("--rps", type=float, help="max requests started per second [unlimited]")
+    g.add_argument("--rps", type=float, help="max requests started per second, paced smoothly [unlimited]")
+    g.add_argument("--tpm", type=float, help="max tokens per minute (prompt + answer, estimated, corrected by usage) [unlimited]")
     g.add_argument("--max-attempts", type=int, help="attempts per request [6]")
     g.add_argument("--attempt-timeout", type=float, help="seconds per attempt [300]")
     g.add_argument("--max-request-time", type=float, help="seconds per request, retries included [900]")
@@ -64,10 +69,10 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 
 CONFIG_FIELDS = (
-    "endpoint model api_key_env api wait dimensions subtasks data_path limit max_tokens temperature top_p seed "
+    "endpoint endpoints_file deployment model api_key_env api wait dimensions subtasks data_path limit max_tokens temperature top_p seed "
     "system_prompt judges judge_endpoint judge_model judge_api_key_env embed_endpoint embed_model embed_api_key_env "
     "classifier_model classifier_device toxicity_judges toxicity_model toxicity_label perspective_endpoint perspective_api_key_env "
-    "classifier_batch_size concurrency rps max_attempts attempt_timeout max_request_time stream progress output run_name restart"
+    "classifier_batch_size concurrency rps tpm max_attempts attempt_timeout max_request_time stream progress output run_name restart"
 ).split()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
 KEY_ENV_FALLBACKS = ("EVALKIT_API_KEY", "OPENAI_API_KEY")
@@ -48,6 +48,22 @@ def redact_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def read_endpoints_file(path: Path) -> list[str]:
+    """Base URLs, one per line or comma-separated; blank lines and # comments are skipped."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"endpoints file {path} does not exist: check the --endpoints-file path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the endpoints file {path} ({e}): it must be a text file of base URLs") from None
+    urls = _split_list([line.split("#", 1)[0] for line in text.splitlines()])
+    bad = [u for u in urls if urlsplit(u).scheme not in ("http", "https") or not urlsplit(u).hostname]
+    if bad:
+        raise ConfigError(f"endpoints file {path}: {redact_url(bad[0]) if '://' in bad[0] else bad[0]!r} is not an http(s) "
+                          f"base URL such as http://127.0.0.1:8000/v1")
+    return urls
 
 
 def resolve_api_key(env_name: str | None, option: str = "--api-key-env", fallback: bool = True) -> str | None:
@@ -81,7 +97,8 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     concurrency: int = Field(64, ge=1, description="requests in flight at once")
-    rps: float | None = Field(None, gt=0, description="max requests started per second")
+    rps: float | None = Field(None, gt=0, description="max requests started per second (smooth)")
+    tpm: float | None = Field(None, gt=0, description="max tokens per minute, prompt and answer (smooth)")
     max_attempts: int = Field(6, ge=1, description="attempts per request, first one included")
     max_request_time: float = Field(900.0, gt=0, description="cap on one request's total time with retries (s)")
     attempt_timeout: float = Field(300.0, gt=0, description="cap on one attempt (s)")
@@ -101,6 +118,8 @@ class RunConfig(BaseModel):
 
     # what to evaluate
     endpoint: list[str] = Field(default_factory=lambda: [DEFAULT_ENDPOINT])
+    endpoints_file: Path | None = Field(None, description="file of replica base URLs, re-read during the run (replaces endpoint)")
+    deployment: str | None = Field(None, description="name of the deployment the endpoints serve: answers are keyed on it, not on the URLs")
     model: str | None = None
     api_key_env: str | None = None
     api: Literal["chat", "completions"] = "chat"
@@ -137,6 +156,15 @@ class RunConfig(BaseModel):
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run folder name under output [the model id]")
     restart: bool = False
     engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @model_validator(mode="after")
+    def _endpoints_from_file(self) -> "RunConfig":
+        if self.endpoints_file is not None:
+            urls = read_endpoints_file(self.endpoints_file)
+            if not urls:
+                raise ConfigError(f"endpoints file {self.endpoints_file} lists no endpoint: write one base URL per line")
+            self.endpoint = urls
+        return self
 
     @field_validator("endpoint", "dimensions", "subtasks", "judges", "judge_endpoint", "embed_endpoint", "toxicity_judges",
                      "perspective_endpoint", mode="before")

@@ -10,29 +10,44 @@
   Retry-After / retry-after-ms, capped in attempts and total time; bad_request becomes an error
   record at once; auth stops the whole run (FatalAuthError) after the records already
   received are written.
-- Several base URLs for one model are replicas: each attempt goes to the least-loaded one.
+- Several base URLs for one model are replicas of one deployment: each attempt goes to the
+  least-loaded replica in rotation. A replica that refuses connections, or fails
+  BREAKER_FAILURES attempts in a row, is taken out (circuit breaker) and probed again by one
+  request after a cooldown that doubles each time the probe fails; the attempt that hit it goes
+  at once to another replica. An endpoints file is re-read during the run, so replicas can join
+  and leave. Every change is logged and kept in the stats (`replica_events`).
+- --rps and --tpm are budgets (class Budget): smooth, in arrival order, and the time spent waiting
+  for them is not counted as latency.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
+import math
 import random
 import time
 from array import array
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import aiohttp
 import orjson
-from asyncio_throttle import Throttler
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_before_delay
 
-from .config import EngineConfig, key_source, redact_url
+from .config import ConfigError, EngineConfig, key_source, read_endpoints_file, redact_url
+
+log = logging.getLogger("evalkit")
+BREAKER_FAILURES = 3  # failed attempts in a row that take a replica out of rotation
+BREAKER_COOLDOWN = (1.0, 30.0)  # first and longest wait before a replica out of rotation is probed
+ENDPOINTS_FILE_POLL = 0.5  # seconds between looks at the endpoints file
 
 
 class RequestFailure(Exception):
-    """One failed attempt, classified."""
+    """One failed attempt, classified. failover: the replica is at fault (it refused the
+    connection or was just taken out of rotation), so the next attempt goes elsewhere at once."""
 
     def __init__(self, kind: str, message: str, status: int | None = None, retry_after: float | None = None):
         super().__init__(message)
@@ -40,6 +55,7 @@ class RequestFailure(Exception):
         self.status = status
         self.message = message
         self.retry_after = retry_after
+        self.failover = False
 
     @property
     def retryable(self) -> bool:
@@ -102,6 +118,7 @@ class Result:
     latency_s: float | None = None
     ttft_s: float | None = None
     attempts: int = 0
+    waited_s: float = 0.0  # time spent waiting for the --rps/--tpm budgets, not part of latency_s
     endpoint: str | None = None  # the replica that answered, redacted
     error_kind: str | None = None
     error_status: int | None = None
@@ -119,6 +136,79 @@ class Replica:
     url: str
     public: str  # base_url as it may be written to records (credentials dropped)
     inflight: int = 0
+    answered: int = 0
+    failed: int = 0  # failed attempts
+    streak: int = 0  # failed attempts in a row
+    down_until: float | None = None  # out of rotation until then (monotonic); None: in rotation
+    cooldown: float = 0.0
+    probing: bool = False  # one request is trying it after its cooldown
+    retired: bool = False  # it left the endpoints file
+
+    def available(self, now: float) -> bool:
+        return not self.retired and not self.probing and (self.down_until is None or now >= self.down_until)
+
+    def report(self) -> dict[str, Any]:
+        state = "left" if self.retired else "in rotation" if self.down_until is None else "out of rotation"
+        return {"endpoint": self.public, "state": state, "answered": self.answered, "failed_attempts": self.failed}
+
+
+class Budget:
+    """At most `rate` units per second (requests for --rps, tokens for --tpm), paced smoothly.
+
+    A token bucket holding at most `burst` units (or one request's cost, if larger), refilled
+    continuously; callers wait in arrival order (asyncio.Lock is fair). In any window of W
+    seconds at most rate*W plus one request's cost goes out, with no rush at second boundaries
+    as a fixed-window counter (asyncio-throttle's) gives. Units given back (a token estimate that
+    was too high, a request that was refused) return to the bucket."""
+
+    def __init__(self, rate: float, burst: float):
+        self.rate = rate
+        self.burst = burst
+        self.level = burst
+        self.cap = burst  # the bucket's size: the burst, or the largest single cost seen
+        self._stamp = time.monotonic()
+        self._lock = asyncio.Lock()
+        self._returned = asyncio.Event()  # units came back: the waiting caller may go sooner
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.level = min(max(self.cap, self.level), self.level + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    async def take(self, cost: float) -> float:
+        """Wait until `cost` units may go, take them; the seconds waited."""
+        t0 = time.monotonic()
+        async with self._lock:
+            self.cap = max(self.cap, cost)
+            self._refill()
+            while self.level < cost:
+                self._returned.clear()
+                try:
+                    await asyncio.wait_for(self._returned.wait(), (cost - self.level) / self.rate)
+                except asyncio.TimeoutError:
+                    pass
+                self._refill()
+            self.level -= cost
+        return time.monotonic() - t0
+
+    def give_back(self, units: float) -> None:
+        """Return units taken but not spent (negative: spent more than taken)."""
+        self._refill()
+        self.level = min(max(self.cap, self.level), self.level + units)
+        if units > 0:
+            self._returned.set()
+
+
+def estimate_tokens(body: dict[str, Any]) -> int:
+    """An upper estimate of what a request spends of a token budget, before its `usage` is known:
+    the prompt at 3 characters a token (fewer than most tokenizers' 4) plus max_tokens."""
+    if "messages" in body:
+        chars = sum(len(m.get("content") or "") if isinstance(m.get("content"), str) else len(orjson.dumps(m.get("content")))
+                    for m in body["messages"])
+    else:
+        prompt = body.get("prompt") or body.get("input") or ""
+        chars = len(prompt) if isinstance(prompt, str) else len(orjson.dumps(prompt))
+    return math.ceil(chars / 3) + int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
 
 
 @dataclass
@@ -134,6 +224,8 @@ class Stats:
     ttfts: array = field(default_factory=lambda: array("d"))
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
+    replicas: list[Replica] = field(default_factory=list)
+    replica_events: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         wall = (self.ended or time.monotonic()) - self.started
@@ -150,6 +242,9 @@ class Stats:
         }
         if self.ttfts:
             out["ttft_s"] = percentiles(self.ttfts)
+        if len(self.replicas) > 1 or self.replica_events:
+            out["replicas"] = [r.report() for r in self.replicas]
+            out["replica_events"] = list(self.replica_events)
         return out
 
 
@@ -182,13 +277,19 @@ class Engine:
         api_key: str | None = None,
         api: str = "chat",
         key_hint: str | None = None,
+        endpoints_file: Path | None = None,
     ):
+        if endpoints_file is not None:
+            base_urls = read_endpoints_file(endpoints_file)
         if not base_urls:
             raise ValueError("at least one endpoint URL is needed")
         self.cfg = cfg
         self.api = api
-        path = API_PATHS[api]
-        self.replicas = [Replica(u.rstrip("/"), u.rstrip("/") + path, redact_url(u.rstrip("/"))) for u in base_urls]
+        self.replicas: list[Replica] = []
+        self.stats = Stats()
+        self._sync_replicas(base_urls, log_changes=False)
+        self._endpoints_file = endpoints_file
+        self._endpoints_seen: tuple[float, int] | None = None
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             # Google APIs take the key in a header of their own (never in the URL, where logs would keep it)
@@ -197,14 +298,14 @@ class Engine:
             else:
                 self._headers["Authorization"] = f"Bearer {api_key}"
         self._key_hint = key_hint or key_source(None)
-        self._throttler = Throttler(rate_limit=cfg.rps, period=1.0) if cfg.rps else None
+        self._rps = Budget(cfg.rps, 1.0) if cfg.rps else None
+        self._tpm = Budget(cfg.tpm / 60.0, cfg.tpm / 600.0) if cfg.tpm else None  # at most 0.1 s worth at once
         # total covers one attempt only: the connector has a slot for every worker, so no time
         # spent queueing for a connection can count against it
         self._attempt_timeout = aiohttp.ClientTimeout(total=cfg.attempt_timeout, sock_connect=cfg.connect_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._rr = 0
         self.model: str | None = None
-        self.stats = Stats()
 
     async def __aenter__(self) -> "Engine":
         connector = aiohttp.TCPConnector(limit=self.cfg.concurrency + 8, limit_per_host=0, keepalive_timeout=60)
@@ -221,18 +322,115 @@ class Engine:
             await self._session.close()
             self._session = None
 
+    # -- replicas ----------------------------------------------------------------------------
+
+    def _event(self, replica: Replica, event: str, reason: str = "") -> None:
+        self.stats.replica_events.append({"endpoint": replica.public, "event": event, "at": round(time.time(), 3),
+                                          **({"reason": reason} if reason else {})})
+        log.warning("replica %s %s%s", replica.public, event, f": {reason}" if reason else "")
+
+    def _sync_replicas(self, urls: list[str], log_changes: bool = True) -> None:
+        """Make the replicas in rotation exactly `urls` (a URL that leaves finishes what it has in flight)."""
+        wanted = {u.rstrip("/"): None for u in urls}
+        by_url = {r.base_url: r for r in self.replicas}
+        for base in wanted:
+            r = by_url.get(base)
+            if r is None:
+                r = Replica(base, base + API_PATHS[self.api], redact_url(base))
+                self.replicas.append(r)
+            elif not r.retired:
+                continue
+            r.retired, r.down_until, r.streak = False, None, 0
+            if log_changes:
+                self._event(r, "joined")
+        for r in self.replicas:
+            if r.base_url not in wanted and not r.retired:
+                r.retired = True
+                if log_changes:
+                    self._event(r, "left")
+        self.stats.replicas = self.replicas
+
+    def _reread_endpoints(self) -> None:
+        path = self._endpoints_file
+        if path is None:
+            return
+        try:
+            st = path.stat()
+            seen = (st.st_mtime, st.st_size)
+            if seen == self._endpoints_seen:
+                return
+            self._endpoints_seen = seen
+            urls = read_endpoints_file(path)
+        except (OSError, ConfigError) as e:
+            log.warning("cannot read the endpoints file %s (%s); keeping the current replicas", path, e)
+            return
+        if not urls:
+            log.warning("the endpoints file %s lists no endpoint; keeping the current replicas", path)
+            return
+        self._sync_replicas(urls)
+
+    async def _watch_endpoints(self) -> None:
+        while True:
+            self._reread_endpoints()
+            await asyncio.sleep(ENDPOINTS_FILE_POLL)
+
+    def _in_rotation(self) -> int:
+        return sum(1 for r in self.replicas if not r.retired)
+
+    def _failed_on(self, replica: Replica, failure: RequestFailure, refused: bool) -> None:
+        """Count a failed attempt against its replica; trip the breaker when it keeps failing
+        (a lone replica stays: there is nowhere else to send the work)."""
+        replica.failed += 1
+        replica.streak += 1
+        was_probe = replica.probing
+        if replica.retired or self._in_rotation() < 2:
+            return
+        if replica.down_until is not None and not was_probe:  # sent before it was taken out
+            failure.failover = True
+            return
+        if refused or was_probe or replica.streak >= BREAKER_FAILURES:
+            first, longest = BREAKER_COOLDOWN
+            replica.cooldown = min(longest, replica.cooldown * 2) if replica.cooldown else first
+            what = "probe failed" if was_probe else "taken out of rotation"
+            self._event(replica, "down", f"{what} ({failure.message}); next probe in {replica.cooldown:.0f} s")
+            replica.down_until = time.monotonic() + replica.cooldown
+            failure.failover = True
+
+    def _alive(self, replica: Replica) -> None:
+        """The replica answered (a 4xx or a 429 included): back in rotation if it was out."""
+        replica.streak = 0
+        if replica.down_until is not None:
+            replica.down_until, replica.cooldown = None, 0.0
+            self._event(replica, "up", "probe answered; back in rotation")
+
+    async def _pick_replica(self) -> Replica:
+        """The least-loaded replica in rotation (ties in turn); when none is, wait for the first
+        cooldown to end and let one request probe that replica."""
+        while True:
+            now = time.monotonic()
+            live = [r for r in self.replicas if r.available(now)]
+            if live:
+                self._rr = (self._rr + 1) % len(live)
+                best = min(range(len(live)), key=lambda i: (live[(self._rr + i) % len(live)].inflight, i))
+                replica = live[(self._rr + best) % len(live)]
+                if replica.down_until is not None:
+                    replica.probing = True
+                return replica
+            waits = [r.down_until - now for r in self.replicas if not r.retired and not r.probing and r.down_until is not None]
+            await asyncio.sleep(min(max(0.01, min(waits)), 0.5) if waits else 0.05)
+
     # -- discovery ---------------------------------------------------------------------------
 
     async def list_models(self, wait: float = 0.0) -> list[str]:
         """The model ids of GET /models on the first replica (see model_cards)."""
         return [m["id"] for m in await self.model_cards(wait)]
 
-    async def model_cards(self, wait: float = 0.0, timeout: float | None = None) -> list[dict[str, Any]]:
-        """GET /models on the first replica: each served model's card (id, and what the server
+    async def model_cards(self, wait: float = 0.0, timeout: float | None = None, base: str | None = None) -> list[dict[str, Any]]:
+        """GET /models on `base` [the first replica]: each served model's card (id, and what the server
         says of it: vLLM's `root`, our HF server's GGUF `source`); connection errors are retried
         for `wait` seconds; one attempt lasts at most `timeout` seconds [connect timeout + 30]."""
         assert self._session is not None
-        base = self.replicas[0].base_url
+        base = base or self.replicas[0].base_url
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -279,7 +477,7 @@ class Engine:
         """
         assert self._session is not None and (self.model or self.api not in OPENAI_APIS), "use `async with Engine(...)` and set .model"
         if fresh_stats:
-            self.stats = Stats()
+            self.stats = Stats(replicas=self.replicas)
         stats = self.stats
         queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=2 * self.cfg.concurrency)
         fatal: list[BaseException] = []
@@ -307,6 +505,7 @@ class Engine:
         bar = self._progress(total, desc)
         tasks = [asyncio.create_task(produce())] + [asyncio.create_task(work()) for _ in range(n_workers)]
         ticker = asyncio.create_task(self._tick(bar)) if bar is not None else None
+        watcher = asyncio.create_task(self._watch_endpoints()) if self._endpoints_file is not None else None
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
@@ -316,8 +515,9 @@ class Engine:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if ticker is not None:
-                ticker.cancel()
+            for extra in (ticker, watcher):
+                if extra is not None:
+                    extra.cancel()
             stats.ended = time.monotonic()
             if bar is not None:
                 self._postfix(bar)
@@ -325,14 +525,6 @@ class Engine:
         if fatal:
             raise fatal[0]
         return stats
-
-    def _pick_replica(self) -> Replica:
-        if len(self.replicas) == 1:
-            return self.replicas[0]
-        n = len(self.replicas)
-        self._rr = (self._rr + 1) % n
-        best = min(range(n), key=lambda i: (self.replicas[(self._rr + i) % n].inflight, i))
-        return self.replicas[(self._rr + best) % n]
 
     async def _complete(self, req: Request) -> Result:
         result = Result()
@@ -351,7 +543,7 @@ class Engine:
                 raise FatalAuthError(self._auth_message(result.endpoint or self.replicas[0].base_url, e.status or 401)) from None
             result.error_kind, result.error_status, result.error_message = e.kind, e.status, e.message
             result.text = None
-        result.latency_s = time.monotonic() - t0
+        result.latency_s = time.monotonic() - t0 - result.waited_s
         if result.ok:
             stats.latencies.append(result.latency_s)
             if result.ttft_s is not None:
@@ -389,14 +581,14 @@ class Engine:
 
     def _backoff(self, exc: BaseException | None, attempt_number: int) -> float:
         """Retry-After when the server sent one (capped), else full-jitter exponential backoff."""
+        if isinstance(exc, RequestFailure) and exc.failover and any(r.available(time.monotonic()) for r in self.replicas):
+            return 0.0
         if isinstance(exc, RequestFailure) and exc.retry_after is not None:
             return min(exc.retry_after, self.cfg.backoff_max)
         ceiling = min(self.cfg.backoff_max, self.cfg.backoff_base * 2 ** (attempt_number - 1))
         return random.uniform(0, ceiling)
 
     async def _attempt(self, req: Request, result: Result) -> None:
-        replica = self._pick_replica()
-        result.endpoint = replica.public
         body = dict(req.body)
         if self.api in OPENAI_APIS:
             body["model"] = self.model
@@ -405,11 +597,16 @@ class Engine:
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
-        if self._throttler is not None:
-            async with self._throttler:
-                pass
+        if self._rps is not None:
+            result.waited_s += await self._rps.take(1.0)
+        estimate = estimate_tokens(body) if self._tpm is not None else 0
+        if self._tpm is not None:
+            result.waited_s += await self._tpm.take(estimate)
+        replica = await self._pick_replica()
+        result.endpoint = replica.public
         replica.inflight += 1
         self.stats.inflight += 1
+        spent = 0  # tokens the endpoint reports for this attempt (none for a refused one)
         try:
             t0 = time.monotonic()
             async with self._session.post(replica.url, json=body, timeout=self._attempt_timeout) as resp:  # type: ignore[union-attr]
@@ -419,13 +616,25 @@ class Engine:
                     await self._read_stream(resp, result, t0)
                 else:
                     self._read_body(await resp.read(), result)
-        except RequestFailure:
+            spent = (result.prompt_tokens + result.completion_tokens) or estimate
+            replica.answered += 1
+            self._alive(replica)
+        except RequestFailure as e:
+            if e.kind == "transient":  # 5xx, malformed bodies: the replica's fault; 429 and 4xx are not
+                self._failed_on(replica, e, refused=False)
+            else:
+                self._alive(replica)
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
-            raise RetryableFailure("transient", f"{type(e).__name__}: {e}".rstrip(": ")) from None
+            failure = RetryableFailure("transient", f"{type(e).__name__}: {e}".rstrip(": "))
+            self._failed_on(replica, failure, refused=isinstance(e, aiohttp.ClientConnectorError))
+            raise failure from None
         finally:
+            replica.probing = False
             replica.inflight -= 1
             self.stats.inflight -= 1
+            if self._tpm is not None and spent != estimate:
+                self._tpm.give_back(estimate - spent)
 
     async def _raise_for(self, resp: aiohttp.ClientResponse) -> None:
         kind = classify_status(resp.status)

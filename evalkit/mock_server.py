@@ -7,7 +7,9 @@ scripted replies, after a configurable latency, and injects faults at a given ra
 Retry-After, 500, a dropped connection, or a hang. It also stands in for Google's Perspective API
 (POST /v1alpha1/comments:analyze, key in X-Goog-Api-Key): a text's TOXICITY is 0.25 per
 occurrence of "toxic" (any case), capped at 1; each paragraph is a span with its own score. GET /stats reports what it saw (requests,
-faults, peak concurrency), which tests and benchmarks read to check the client's behaviour.
+faults, peak concurrency) and GET /log each completion request's arrival time (Unix seconds) and the usage it was
+answered with, which tests and benchmarks read to check the client's behaviour. --max-concurrency caps the
+requests worked on at once (the rest wait their turn), as a real server's batch size does.
 
 Script file (JSON): {"default": "text", "rules": [{"contains": "bomb", "reply": "I'm sorry"}]};
 the first rule whose `contains` is in the last message (or prompt) decides the reply. A chat
@@ -54,6 +56,8 @@ class MockState:
         for f in FAULTS:
             self.counts[f] = 0
         self.seen_auth: list[str] = []
+        self.log: list[list[float]] = []  # [arrived, prompt_tokens, completion_tokens] (-1 tokens: not answered)
+        self.slots = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
 
     def reply_for(self, text: str) -> tuple[str, list[dict] | None]:
         """The scripted reply, and the rule's first-token top_logprobs (if it gives them)."""
@@ -125,6 +129,10 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(request.app["state"].counts)
 
 
+async def request_log(request: web.Request) -> web.Response:
+    return web.Response(body=orjson.dumps(request.app["state"].log), content_type="application/json")
+
+
 def _check_auth(st: MockState, request: web.Request) -> web.Response | None:
     if st.api_key is None:
         return None
@@ -138,6 +146,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     chat = request.path.endswith("/chat/completions")
     st.counts["requests"] += 1
     n = st.counts["requests"]
+    entry = [time.time(), -1, -1]
+    st.log.append(entry)
     if (resp := _check_auth(st, request)) is not None:
         return resp
     if st.auth_fail_after is not None and n > st.auth_fail_after:
@@ -172,6 +182,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
             raise asyncio.CancelledError  # aiohttp drops the connection without a response
         await asyncio.sleep(st.hang_seconds)
 
+    if st.slots is not None:
+        await st.slots.acquire()
     st.counts["inflight"] += 1
     st.counts["peak_inflight"] = max(st.counts["peak_inflight"], st.counts["inflight"])
     try:
@@ -187,6 +199,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             finish = "stop"
         usage = {"prompt_tokens": len(prompt_text.split()), "completion_tokens": len(words)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        entry[1:] = [usage["prompt_tokens"], usage["completion_tokens"]]
         cid = f"cmpl-mock-{n}"
         created = int(time.time())
         if body.get("stream"):
@@ -206,6 +219,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return web.Response(body=orjson.dumps(payload), content_type="application/json")
     finally:
         st.counts["inflight"] -= 1
+        if st.slots is not None:
+            st.slots.release()
 
 
 async def _stream(request, st, chat, cid, created, words, finish, usage, body) -> web.StreamResponse:
@@ -235,6 +250,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
     app["state"] = MockState(args)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/stats", stats)
+    app.router.add_get("/log", request_log)
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
@@ -248,6 +264,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mock-model", help="the one model id served")
     p.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     p.add_argument("--itl", type=float, default=0.0, help="seconds between streamed tokens")
+    p.add_argument("--max-concurrency", type=int, default=None, help="requests worked on at once; the rest queue [no cap]")
     p.add_argument("--reply", default=None, help="the reply to every prompt (overrides the script's default)")
     p.add_argument("--script", default=None, help="JSON file of reply rules (see module doc)")
     p.add_argument("--fault-rate", type=float, default=0.0, help="fraction of requests that get a fault")

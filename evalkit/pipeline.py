@@ -25,6 +25,7 @@ import orjson
 from .config import ConfigError, RunConfig, key_source, redact_url, resolve_api_key
 from .data import Item, dataset_file, resolve_data_root
 from .datasets import sha256_file
+from .deployment import hosts, identify
 from .engine import Engine, FatalAuthError, Request, RequestFailure, Result
 from .judges import HARM_ONLY_JUDGES, JUDGES, QUESTIONS, TOXICITY_JUDGES, JudgeError, Verdict, check_judge_names
 from .metrics import Metric, degenerate, rate
@@ -61,7 +62,7 @@ def _versions() -> dict[str, str]:
     from importlib import metadata  # not at import time: it slows the start of every command
 
     out = {"python": platform.python_version()}
-    for pkg in ("evalkit", "aiohttp", "tenacity", "asyncio-throttle", "pydantic", "orjson", "torch", "transformers"):
+    for pkg in ("evalkit", "aiohttp", "tenacity", "pydantic", "orjson", "torch", "transformers"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -127,11 +128,17 @@ def generation_params(cfg: RunConfig, task: Task, item: Item) -> dict[str, Any]:
     return params
 
 
+def model_engine(cfg: RunConfig, api: str) -> Engine:
+    """An engine for the model under test (its replicas, its key)."""
+    return Engine(cfg.engine, cfg.endpoint, resolve_api_key(cfg.api_key_env), api, key_source(cfg.api_key_env),
+                  endpoints_file=cfg.endpoints_file)
+
+
 async def discover_model(cfg: RunConfig) -> str:
     """--model, else the first id the endpoint lists under /v1/models."""
     if cfg.model:
         return cfg.model
-    async with Engine(cfg.engine, cfg.endpoint, resolve_api_key(cfg.api_key_env), cfg.api, key_source(cfg.api_key_env)) as eng:
+    async with model_engine(cfg, cfg.api) as eng:
         models = await eng.list_models(cfg.wait)
     if not models:
         raise ConfigError(f"{redact_url(cfg.endpoint[0])}/models lists no model: pass --model NAME")
@@ -152,15 +159,15 @@ class _GenPlan:
     n_resumed: int = 0
 
 
-def _keyed(task: Task, system: str | None, items: list[Item], endpoint_id: list[str], model: str, cfg: RunConfig) -> Keyed:
+def _keyed(task: Task, system: str | None, items: list[Item], deployment: dict, model: str, cfg: RunConfig) -> Keyed:
     out = []
     for it in items:
         params = generation_params(cfg, task, it)
-        out.append((_gen_key(endpoint_id, model, params, system, task, it), it, params))
+        out.append((_gen_key(deployment, model, params, system, task, it), it, params))
     return out
 
 
-def _current_keys(task: Task, system: str | None, keyed: Keyed, path: Path, endpoint_id: list[str], model: str,
+def _current_keys(task: Task, system: str | None, keyed: Keyed, path: Path, deployment: dict, model: str,
                   cfg: RunConfig) -> set[str]:
     """Keys of the records that still belong to this run. A later turn's key hashes the earlier
     turns, so the keys are followed turn by turn through the answers already in the file."""
@@ -170,7 +177,7 @@ def _current_keys(task: Task, system: str | None, keyed: Keyed, path: Path, endp
     answers = {r.key: r.response for r in read_records(path, ResponseRecord) if r.error is None and r.response is not None}
     for _ in range(task.turns - 1):
         nxt = [n for k, it, _ in keyed if k in answers and (n := task.next_turn(it, answers[k])) is not None]
-        keyed = _keyed(task, system, nxt, endpoint_id, model, cfg)
+        keyed = _keyed(task, system, nxt, deployment, model, cfg)
         keys |= {k for k, _, _ in keyed}
     return keys
 
@@ -179,7 +186,23 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
     cfg = ctx.cfg
     root = resolve_data_root(cfg.data_path)
     record_datasets(ctx, root)
-    endpoint_id = sorted(redact_url(u) for u in cfg.endpoint)
+    engines: dict[str, Engine] = {}  # one per API: a subtask may need another than the run's (prompt scoring)
+    stack = contextlib.AsyncExitStack()
+
+    async def engine_for(api: str) -> Engine:
+        if api not in engines:
+            eng = engines[api] = await stack.enter_async_context(model_engine(cfg, api))
+            eng.model = ctx.model
+        return engines[api]
+
+    try:
+        deployment, card = await identify(await engine_for(cfg.api), ctx.model, cfg.deployment, cfg.wait)
+    except BaseException:
+        await stack.aclose()
+        raise
+    ctx.manifest["deployment"] = deployment
+    if card is not None:
+        ctx.manifest["model_card"] = card
 
     plans: list[_GenPlan] = []
     writers: dict[str, JsonlWriter] = {}
@@ -187,14 +210,14 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
         if task.responses_of:  # judges the answers generated for another subtask (selected with it)
             continue
         system = cfg.system_prompt if cfg.system_prompt is not None else task.system_prompt
-        keyed = _keyed(task, system, task.load(root), endpoint_id, ctx.model, cfg)
+        keyed = _keyed(task, system, task.load(root), deployment, ctx.model, cfg)
         path = ctx.responses_path(task)
-        keep = _current_keys(task, system, keyed, path, endpoint_id, ctx.model, cfg)
+        keep = _current_keys(task, system, keyed, path, deployment, ctx.model, cfg)
         done, n_stale = load_for_resume(path, ResponseRecord, cfg.restart, keep=keep)
         plan = _GenPlan(task, system, keyed[: cfg.limit] if cfg.limit else keyed, done)
         if n_stale:
             log.warning(
-                "%d records in %s came from another endpoint, model or generation parameters: moved to %s",
+                "%d records in %s came from another deployment, model or generation parameters: moved to %s",
                 n_stale, path, path.with_suffix(".stale.jsonl"),
             )
         plans.append(plan)
@@ -248,8 +271,6 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
     for plan in plans:
         writers[plan.task.name] = JsonlWriter(ctx.responses_path(plan.task), cfg.engine.flush_every, cfg.engine.flush_interval)
     all_plans = list(plans)
-    engines: dict[str, Engine] = {}  # one per API: a subtask may need another than the run's (prompt scoring)
-    stack = contextlib.AsyncExitStack()
     try:
         turn = 0
         while plans:
@@ -261,14 +282,7 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
                     else:
                         todo.setdefault(plan.task.api or cfg.api, []).append((plan, key, it, params))
             for api, work in todo.items():
-                eng = engines.get(api)
-                if eng is None:
-                    key = resolve_api_key(cfg.api_key_env)
-                    eng = engines[api] = await stack.enter_async_context(
-                        Engine(cfg.engine, cfg.endpoint, key, api, key_source(cfg.api_key_env)))
-                    eng.model = ctx.model
-                    if len(engines) == 1:
-                        await _record_model_card(ctx, eng)
+                eng = await engine_for(api)
                 try:
                     desc = ("generate" if turn == 0 else f"generate (turn {turn + 1})") + ("" if api == cfg.api else f" ({api})")
                     await eng.run(requests(work), on_result, total=len(work), desc=desc, fresh_stats=turn == 0)
@@ -284,7 +298,7 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
                     answer = answers.get(key, plan.done[key].response if key in plan.done else None)
                     if answer is not None and (n := plan.task.next_turn(it, answer)) is not None:
                         nxt.append(n)
-                plan.current = _keyed(plan.task, plan.system, nxt, endpoint_id, ctx.model, cfg)
+                plan.current = _keyed(plan.task, plan.system, nxt, deployment, ctx.model, cfg)
             plans = [p for p in plans if p.current]
     finally:
         await stack.aclose()
@@ -313,23 +327,10 @@ def _merge_summaries(by_api: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-async def _record_model_card(ctx: RunContext, eng: Engine) -> None:
-    """What the endpoint says of the model it serves (a GGUF's file and sha256, vLLM's root) goes
-    into the manifest; an endpoint without a usable /models (absent, slow, not JSON, closed to
-    this key) just leaves it out: the requests themselves say what is wrong, if anything."""
-    try:
-        cards = await eng.model_cards(timeout=5.0)
-    except (RequestFailure, FatalAuthError, ValueError):
-        return
-    card = next((c for c in cards if c.get("id") == ctx.model), None)
-    if card is not None:
-        ctx.manifest["model_card"] = card
-
-
-def _gen_key(endpoint_id: list[str], model: str, params: dict, system: str | None, task: Task, item: Item) -> str:
+def _gen_key(deployment: dict, model: str, params: dict, system: str | None, task: Task, item: Item) -> str:
     if item.history:  # a later turn: its key hashes the earlier turns, so a new first answer means a new turn 2
-        return record_key("generate", endpoint_id, model, params, system, task.name, item.id, item.history)
-    return record_key("generate", endpoint_id, model, params, system, task.name, item.id)
+        return record_key("generate", deployment, model, params, system, task.name, item.id, item.history)
+    return record_key("generate", deployment, model, params, system, task.name, item.id)
 
 
 # -- stage 2: judge --------------------------------------------------------------------------
@@ -380,7 +381,7 @@ async def judge(ctx: RunContext) -> dict[str, Any]:
                 j = judges.get(name) or judges.setdefault(name, make_judge(cfg, name))
                 ident = j.identity(task.question)
                 if _is_remote(j):
-                    jid = [ident, sorted(redact_url(u) for u in j.endpoint)]
+                    jid = [ident, hosts(j.endpoint)]
                     work = remote_work.setdefault(name, [])
                     for r, c in inputs:
                         k = _judge_key(jid, r, c)

@@ -54,6 +54,16 @@ class MockServer:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as r:
             return orjson.loads(r.read())
 
+    def log(self) -> list[list[float]]:
+        """[arrived (Unix s), prompt_tokens, completion_tokens] per completion request, as the server saw it."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/log", timeout=5) as r:
+            return orjson.loads(r.read())
+
+    def kill(self) -> None:
+        """SIGKILL: connections drop mid-answer and the port refuses new ones."""
+        self.proc.kill()
+        self.proc.wait(5)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

@@ -191,21 +191,6 @@ def test_queue_is_bounded_so_memory_does_not_grow_with_prompts(mock_server):
     assert pulled_at_first_result <= 8 + 16 + 1
 
 
-def test_rps_limit_is_wired(mock_server):
-    srv = mock_server()
-
-    async def go():
-        out = []
-        async with Engine(_cfg(concurrency=16, rps=20), [srv.url]) as eng:
-            eng.model = "mock-model"
-            assert eng._throttler is not None and eng._throttler.rate_limit == 20 and eng._throttler.period == 1.0
-            await eng.run(_requests(30), lambda q, r: out.append(r))
-        return out
-
-    assert all(r.ok for r in asyncio.run(go()))
-    assert Engine(_cfg(), ["http://127.0.0.1:9/v1"])._throttler is None  # no --rps, no throttle
-
-
 def test_list_models_and_wait(mock_server):
     srv = mock_server("--model", "tiny-llama")
 
