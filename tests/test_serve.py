@@ -115,3 +115,83 @@ def test_serve_sh_vllm_backend_with_a_stand_in(state, tmp_path):
         os.kill(child, 0)  # the backend's own children went down with it
     bad = serve("start", "--backend", "vllm", "--quant", "hqq", "m", env=env)
     assert bad.returncode == 2 and "--backend hf" in bad.stderr
+
+
+def _router_installed(name: str) -> bool:
+    """In this environment's bin folder (where serve.sh looks first) or on PATH."""
+    import shutil
+
+    return bool(shutil.which(name, path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")))
+
+
+def test_serve_sh_replicas_behind_a_router_answer_through_one_url(state, tmp_path, data_root):
+    if not _router_installed("vllm-router"):
+        pytest.skip("the vllm-router wheel is not installed (pip install 'evalkit[router]')")
+    model = tiny_llama(tmp_path / "tiny")
+    p = serve("start", "--device", "cpu", "--served-model-name", "tiny", "--replicas", "2", "--router", "vllm-router",
+              str(model), env=state)
+    assert p.returncode == 0, p.stderr
+    url = p.stdout.strip()
+    assert url.startswith("http://127.0.0.1:") and "," not in url and "2 replicas behind vllm-router" in p.stderr
+    replicas = [json.loads((tmp_path / "state" / f"model-{i}.json").read_text()) for i in (1, 2)]
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert [r["placement"]["OMP_NUM_THREADS"] for r in replicas] == [threads, threads]  # the cores split between them
+    assert (tmp_path / "state" / "model.endpoints").read_text().split() == [r["url"] for r in replicas]
+    st = serve("status", env=state).stdout
+    assert "deployment model: router " + url in st and "model-router" in st
+
+    r = run_cli("run", "--subtasks", "advbench", "--limit", "6", "--endpoint", url, "--model", "tiny", "--data-path",
+                str(data_root), "--output", str(tmp_path / "runs"), "--max-tokens", "3")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in (tmp_path / "runs" / "tiny" / "responses" / "advbench.jsonl").read_text().splitlines()]
+    assert len(recs) == 6 and all(x.get("response") is not None for x in recs)
+    # the replicas themselves, as an endpoints file: the same deployment, so nothing is asked again
+    r = run_cli("run", "--subtasks", "advbench", "--limit", "6", "--endpoints-file", str(tmp_path / "state" / "model.endpoints"),
+                "--model", "tiny", "--data-path", str(data_root), "--output", str(tmp_path / "runs"), "--max-tokens", "3")
+    assert r.returncode == 0 and "stale" not in r.stderr and "generated" not in r.stderr, r.stderr
+
+    pids = [x["pid"] for x in replicas] + [json.loads((tmp_path / "state" / "model-router.json").read_text())["pid"]]
+    s = serve("stop", "model", env=state)
+    assert s.returncode == 0 and s.stdout.count("stopped") == 3
+    time.sleep(0.3)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not (tmp_path / "state" / "model.endpoints").exists()
+
+
+REPLICA_STAND_IN = """#!/usr/bin/env bash
+# a stand-in for `vllm serve` that appends its GPUs and arguments, then runs the mock server
+echo "$CUDA_VISIBLE_DEVICES|$@" >> "$VLLM_ARGS_FILE"
+port=""; name=""
+while [ $# -gt 0 ]; do case "$1" in --port) port=$2; shift;; --served-model-name) name=$2; shift;; esac; shift; done
+exec "%s" -m evalkit.mock_server --port "$port" --model "$name"
+"""
+
+
+def test_serve_sh_vllm_replicas_are_pinned_to_their_own_gpus(state, tmp_path):
+    exe = tmp_path / "vllm"
+    exe.write_text(REPLICA_STAND_IN % sys.executable)
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    args_file = tmp_path / "args"
+    env = {**state, "VLLM_ARGS_FILE": str(args_file), "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    too_many = serve("start", "--backend", "vllm", "--gpus", "2", "--replicas", "3", "--vllm-executable", str(exe), "m", env=env)
+    assert too_many.returncode == 2 and "need 6 GPUs" in too_many.stderr and "shows 4" in too_many.stderr
+    hf_only = serve("start", "--pipeline-parallel-size", "2", "m", env=env)
+    assert hf_only.returncode == 2 and "--backend vllm" in hf_only.stderr
+    p = serve("start", "--backend", "vllm", "--gpus", "2", "--replicas", "2", "--vllm-executable", str(exe),
+              "--served-model-name", "m", "some/Model", env=env)
+    assert p.returncode == 0, p.stderr
+    urls = p.stdout.strip().split(",")
+    assert len(urls) == 2 and "--endpoints-file" in p.stderr
+    lines = sorted(args_file.read_text().splitlines())
+    assert [line.split("|")[0] for line in lines] == ["0,1", "2,3"]
+    assert all("--tensor-parallel-size 2" in line for line in lines)
+    assert serve("stop", "model", env=env).stdout.count("stopped") == 2
+    # multi-node: Ray places the workers, so nothing is pinned; the flags reach vLLM
+    args_file.unlink()
+    p = serve("start", "--backend", "vllm", "--gpus", "8", "--pipeline-parallel-size", "2", "--ray-address", "10.0.0.1:6379",
+              "--vllm-executable", str(exe), "--served-model-name", "m", "some/Model", env=env)
+    assert p.returncode == 0, p.stderr
+    (line,) = args_file.read_text().splitlines()
+    assert "--pipeline-parallel-size 2" in line and "--distributed-executor-backend ray" in line
