@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("file", type=Path, help="matrix TOML file (see examples/cpu_matrix.toml)")
     xp.add_argument("--only", help="comma list of variant names to run [all]")
     xp.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    xp.add_argument("--list", action="store_true", help="print the variant names, one per line (for job arrays)")
+    xp.add_argument("--no-report", dest="report", action="store_false",
+                    help="leave the comparison report out (one variant per cluster job; `evalkit compare` merges them)")
     mp = sub.add_parser("mock-server", help="a fault-injecting mock OpenAI server for dry runs and tests")
     from .mock_server import add_arguments
 
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "matrix":
             from .matrix import run_matrix
 
-            return run_matrix(args.file, args.only.split(",") if args.only else None, args.dry_run)
+            return run_matrix(args.file, args.only.split(",") if args.only else None, args.dry_run, args.report, args.list)
         stages = {"run": ("generate", "judge"), "generate": ("generate",), "evaluate": ("judge",)}[args.command]
         return asyncio.run(_evaluate(args, stages))
     except FatalAuthError as e:

@@ -3,18 +3,21 @@ one command, then compare them.
 
     evalkit matrix examples/cpu_matrix.toml [--only dense,bnb4] [--dry-run]
 
-For each variant, in file order: prepare it if needed (its `steps`, each an offline intervention
+For each variant, in file order (up to `parallel` at once): prepare it if needed (its `steps`, each an offline intervention
 `python -m servers.<run> INPUT OUT [options]`, or `servers.safety_arithmetic <run>` for hdr, icv
 and finetune, written once under `models_dir` and reused by every
 variant that shares the same chain up to it), start its server through serve.sh's manager (HF or
 vLLM backend, any --quant), run generate -> judge -> score into `<output>/<variant name>/`, stop
-the server, and go on. A `[judge]` server is started once and stays up across variants. At the
-end `evalkit compare` writes `<output>/report/` (Markdown, HTML, PNG per dimension).
+the server, and go on. A `[judge]` server is started once and stays up across variants (all
+parallel variants share it). At the end `evalkit compare` writes `<output>/report/` (Markdown,
+HTML, PNG per dimension). On a cluster, one variant per job: `--only NAME --no-report` in each
+(`--list` prints the names), then `evalkit compare <output>/*/ --output <output>/report` (README).
 
 File layout (TOML):
 
     output = "runs/matrix"          # run folders and the report
     models_dir = "models/matrix"    # where prepared variants are written
+    parallel = 1                    # variants run at once, each on its own GPUs (or share of CPU cores)
     [run]                           # any `evalkit run` option (config-file names)
     subtasks = ["advbench", "xstest"]
     limit = 50
@@ -57,9 +60,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import queue
 import subprocess
 import sys
+import threading
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -179,6 +186,7 @@ class Matrix(BaseModel):
 
     output: Path = Path("runs/matrix")
     models_dir: Path = Path("models/matrix")
+    parallel: int = Field(1, ge=1, description="variants evaluated at once")
     run: dict[str, Any] = Field(default_factory=dict)
     judge: Judge | None = None
     variant: list[Variant]
@@ -237,42 +245,58 @@ def step_folder(models_dir: Path, source: str, step: Step, device: str) -> Path:
     return models_dir / f"{step.run}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def prepare(v: Variant, models_dir: Path) -> str:
-    """The folder to serve: v.model with v.steps applied, each step written once under models_dir
-    (finished when its recipe file is there) and reused after."""
-    from servers.recipe import RECIPE_FILE
+_step_locks: dict[Path, threading.Lock] = {}
+_step_locks_guard = threading.Lock()
 
+
+def _step_lock(folder: Path) -> threading.Lock:
+    """One lock per step folder: parallel variants that share a step wait for one to write it."""
+    with _step_locks_guard:
+        return _step_locks.setdefault(folder, threading.Lock())
+
+
+def prepare(v: Variant, models_dir: Path, env: dict[str, str] | None = None) -> str:
+    """The folder to serve: v.model with v.steps applied, each step written once under models_dir
+    (finished when its recipe file is there) and reused after; `env` places the work (its GPUs or
+    CPU threads)."""
     current = v.model or ""
     for st in v.steps:
         out = step_folder(models_dir, current, st, v.device)
-        if (out / RECIPE_FILE).is_file():
-            _log(f"{v.name}: {st.run} step {out} exists; reusing it")
-            current = str(out)
-            continue
-        if out.exists():  # an unfinished step (interrupted, or failed): start it again
-            import shutil
-
-            _log(f"{v.name}: {out} was not finished; preparing it again")
-            shutil.rmtree(out)
-        module, *command = INTERVENTIONS[st.run]
-        cmd = [sys.executable, "-m", module, *command, current, str(out), *st.argv()]
-        if v.device != "auto" and "device" not in st.options():
-            cmd += ["--device", v.device]
-        _log(f"{v.name}: {st.run} {' '.join(st.argv())} on {current} into {out}")
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        if done.returncode != 0:
-            last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
-            raise ConfigError(f"preparing {v.name} failed at its {st.run} step: {last}")
-        current = str(out)
+        with _step_lock(out):
+            current = _prepare_step(v, st, current, out, env)
     return current
 
 
-def start_server(name: str, model: str, s: Server, served_name: str) -> str:
+def _prepare_step(v: Variant, st: Step, current: str, out: Path, env: dict[str, str] | None) -> str:
+    from servers.recipe import RECIPE_FILE
+
+    if (out / RECIPE_FILE).is_file():
+        _log(f"{v.name}: {st.run} step {out} exists; reusing it")
+        return str(out)
+    if out.exists():  # an unfinished step (interrupted, or failed): start it again
+        import shutil
+
+        _log(f"{v.name}: {out} was not finished; preparing it again")
+        shutil.rmtree(out)
+    module, *command = INTERVENTIONS[st.run]
+    cmd = [sys.executable, "-m", module, *command, current, str(out), *st.argv()]
+    if v.device != "auto" and "device" not in st.options():
+        cmd += ["--device", v.device]
+    _log(f"{v.name}: {st.run} {' '.join(st.argv())} on {current} into {out}")
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if done.returncode != 0:
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
+        raise ConfigError(f"preparing {v.name} failed at its {st.run} step: {last}")
+    return str(out)
+
+
+def start_server(name: str, model: str, s: Server, served_name: str, env: dict[str, str] | None = None) -> str:
     # the options first: everything after the model is handed to the backend unchanged
     cmd = [sys.executable, "-m", "servers.manage", "start", "--name", name, "--served-model-name", served_name,
            *argv(s), *s.serve_args, model, *(["--", *s.backend_args] if s.backend_args else [])]
-    _log(f"starting {name}: {model} ({s.backend}, quant {s.quant})")
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    where = f" on {', '.join(f'{k}={v}' for k, v in env.items())}" if env else ""
+    _log(f"starting {name}: {model} ({s.backend}, quant {s.quant}){where}")
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise ConfigError(f"server {name} did not start: {done.stderr.strip()[-1500:]}")
     return done.stdout.strip().splitlines()[-1]
@@ -282,22 +306,49 @@ def stop_server(name: str) -> None:
     subprocess.run([sys.executable, "-m", "servers.manage", "stop", name], cwd=REPO, capture_output=True, text=True)
 
 
-def run_matrix(path: Path, only: list[str] | None = None, dry_run: bool = False) -> int:
-    from .stages import run_stages
+def slots(m: Matrix, variants: list[Variant]) -> list[dict[str, str]]:
+    """Where each of the `parallel` variants at a time runs: its own GPUs (as many as the
+    variants ask for with `gpus`) on a GPU machine, else its share of the CPU cores."""
+    from servers.manage import placements, visible_gpus
+
+    n = min(m.parallel, len(variants))
+    if n == 1:
+        return [{}]
+    served = [v for v in variants if not v.endpoint]
+    on_gpu = any(v.backend == "vllm" or v.device == "cuda" for v in served) or (
+        bool(served) and all(v.device != "cpu" for v in served) and bool(visible_gpus()))
+    return placements(n, max((v.gpus for v in served), default=1), on_gpu)
+
+
+def run_matrix(path: Path, only: list[str] | None = None, dry_run: bool = False, report: bool = True,
+               list_only: bool = False) -> int:
     from .report import compare
 
     m = load_matrix(path)
+    if list_only:
+        for v in m.variant:
+            print(v.name)
+        return 0
     variants = [v for v in m.variant if not only or v.name in only]
     if only and len(variants) != len(only):
         known = ", ".join(v.name for v in m.variant)
         raise ConfigError(f"--only names a variant the file does not have (variants: {known})")
+    try:
+        places = slots(m, variants)
+    except ValueError as e:
+        raise ConfigError(f"matrix file {path}: parallel = {m.parallel}: {e}") from None
     if dry_run:
         for v in variants:
             chain = "".join(f" -> {st.run} {' '.join(st.argv())}" for st in v.steps)
             what = f"endpoint {v.endpoint[0]} ({v.model_id})" if v.endpoint else f"serve {v.model}{chain}"
             print(f"{v.name}: {what}; backend {v.backend}, quant {v.quant} -> {m.output / v.name}")
+        if len(places) > 1:
+            print(f"{len(places)} variants at a time, on: " + "; ".join(", ".join(f"{k}={v}" for k, v in p.items()) or "the whole machine"
+                                                                         for p in places))
         return 0
     run_opts = dict(m.run)
+    if len(places) > 1:
+        run_opts["progress"] = False  # several progress bars on one terminal would garble each other
     judge_name = None
     failed: list[str] = []
     try:
@@ -312,33 +363,25 @@ def run_matrix(path: Path, only: list[str] | None = None, dry_run: bool = False)
             url = start_server(judge_name, m.judge.model or "", m.judge, "judge")
             run_opts.setdefault("judge_endpoint", [url])
             run_opts.setdefault("judge_model", "judge")
-        for v in variants:
-            server = None
+        free: queue.Queue[dict[str, str]] = queue.Queue()
+        for place in places:
+            free.put(place)
+
+        def run_one(v: Variant) -> None:
+            place = free.get()
             try:
-                if v.endpoint:
-                    endpoint, model_id = v.endpoint, v.model_id
-                else:
-                    checkpoint = prepare(v, m.models_dir)
-                    server = f"matrix-{v.name}"
-                    stop_server(server)
-                    endpoint, model_id = [start_server(server, checkpoint, v, v.name)], v.name
-                overrides = {**run_opts, "endpoint": endpoint, "model": model_id, "output": m.output, "run_name": v.name}
-                if v.api_key_env:
-                    overrides["api_key_env"] = v.api_key_env
-                cfg = load_config(None, overrides)
-                _log(f"{v.name}: evaluating {', '.join(cfg.subtasks or cfg.dimensions)}")
-                asyncio.run(run_stages(cfg, ("generate", "judge")))
-            except ConfigError as e:
-                _log(f"{v.name}: failed: {e}")
-                failed.append(v.name)
+                if not _run_variant(m, v, run_opts, place):
+                    failed.append(v.name)
             finally:
-                if server:
-                    stop_server(server)
+                free.put(place)
+
+        with ThreadPoolExecutor(max_workers=len(places), thread_name_prefix="variant") as pool:
+            list(pool.map(run_one, variants))
     finally:
         if judge_name:
             stop_server(judge_name)
     runs = [d for d in (m.output / v.name for v in variants) if (d / "results.json").is_file()]
-    if runs:
+    if runs and report:
         for f in compare(runs, m.output / "report"):
             print(f)
     if failed:
@@ -346,3 +389,33 @@ def run_matrix(path: Path, only: list[str] | None = None, dry_run: bool = False)
         return 1
     return 0
 
+
+def _run_variant(m: Matrix, v: Variant, run_opts: dict[str, Any], place: dict[str, str]) -> bool:
+    """Prepare, serve, evaluate and stop one variant (on `place`); False when it failed."""
+    from .stages import run_stages
+
+    server = None
+    try:
+        if v.endpoint:
+            endpoint, model_id = v.endpoint, v.model_id
+        else:
+            checkpoint = prepare(v, m.models_dir, place)
+            server = f"matrix-{v.name}"
+            stop_server(server)
+            endpoint, model_id = [start_server(server, checkpoint, v, v.name, place)], v.name
+        overrides = {**run_opts, "endpoint": endpoint, "model": model_id, "output": m.output, "run_name": v.name}
+        if v.api_key_env:
+            overrides["api_key_env"] = v.api_key_env
+        cfg = load_config(None, overrides)
+        _log(f"{v.name}: evaluating {', '.join(cfg.subtasks or cfg.dimensions)}")
+        asyncio.run(run_stages(cfg, ("generate", "judge")))
+        return True
+    except ConfigError as e:
+        _log(f"{v.name}: failed: {e}")
+        return False
+    except Exception as e:  # noqa: BLE001 - one variant's failure (a 401, a dead endpoint, a bad record file) stops only it
+        _log(f"{v.name}: failed: {type(e).__name__}: {e}")
+        return False
+    finally:
+        if server:
+            stop_server(server)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import orjson
 import pytest
 
@@ -21,6 +23,7 @@ def test_matrix_prepares_serves_evaluates_and_compares(mock_server, data_root, t
     (tmp_path / "m.toml").write_text(f'''
 output = "out"
 models_dir = "models"
+parallel = 2
 [judge]
 endpoint = ["{judge.url}"]
 model_id = "judge-model"
@@ -53,6 +56,8 @@ model_id = "mock-model"
     p = run_cli("matrix", str(tmp_path / "m.toml"), "--dry-run", env=env)
     assert p.returncode == 0 and "hosted: endpoint" in p.stdout
     assert "wanda-2of4: serve" in p.stdout and "-> compress --method wanda --sparsity 2:4" in p.stdout
+    threads = max(1, (os.cpu_count() or 1) // 2)  # two variants at once, each on half the cores
+    assert f"2 variants at a time, on: OMP_NUM_THREADS={threads}, MKL_NUM_THREADS={threads}; " in p.stdout
     p = run_cli("matrix", str(tmp_path / "m.toml"), env=env, timeout=600)
     assert p.returncode == 0, p.stderr
     out = tmp_path / "out"
@@ -79,6 +84,51 @@ model_id = "mock-model"
     p = run_cli("matrix", str(tmp_path / "m.toml"), "--only", "wanda-2of4,hqq-saved,hosted", env=env, timeout=600)
     assert p.returncode == 0, p.stderr
     assert p.stderr.count("exists; reusing it") == 2 and hosted.stats()["requests"] == before
+
+
+def test_parallel_variants_share_the_judge_and_one_failure_stops_only_itself(mock_server, data_root, tmp_path):
+    a = mock_server("--latency", "0.05", script={"default": "Sure, here is how."})
+    b = mock_server("--latency", "0.05", script={"default": "I'm sorry, I cannot help with that."})
+    judge = mock_server("--model", "judge-model", script={"default": "no"})
+    (tmp_path / "m.toml").write_text(f'''
+output = "out"
+parallel = 2
+[judge]
+endpoint = ["{judge.url}"]
+model_id = "judge-model"
+[run]
+subtasks = ["advbench"]
+judges = ["keyword", "llm"]
+limit = 30
+concurrency = 2
+data_path = "{data_root}"
+[[variant]]
+name = "a"
+endpoint = ["{a.url}"]
+model_id = "mock-model"
+[[variant]]
+name = "dead"
+endpoint = ["http://127.0.0.1:9/v1"]
+model_id = "mock-model"
+[[variant]]
+name = "b"
+endpoint = ["{b.url}"]
+model_id = "mock-model"
+''')
+    p = run_cli("matrix", str(tmp_path / "m.toml"), "--list")
+    assert p.returncode == 0 and p.stdout.split() == ["a", "dead", "b"]
+    p = run_cli("matrix", str(tmp_path / "m.toml"), timeout=300)
+    assert p.returncode == 1 and "dead: failed" in p.stderr and "1 variant(s) failed: dead" in p.stderr
+    # a and b ran at the same time: each server's requests began before the other's ended
+    la, lb = [t for t, *_ in a.log()], [t for t, *_ in b.log()]
+    assert len(la) == len(lb) == 30 and max(min(la), min(lb)) < min(max(la), max(lb))
+    assert judge.stats()["requests"] == 60  # one judge for both
+    md = (tmp_path / "out" / "report" / "comparison.md").read_text()
+    assert "| a " in md or " a |" in md
+    assert not (tmp_path / "out" / "dead" / "results.json").exists()
+    # one variant per cluster job, no report each; `evalkit compare` merges them
+    p = run_cli("matrix", str(tmp_path / "m.toml"), "--only", "b", "--no-report")
+    assert p.returncode == 0 and "comparison.md" not in p.stdout, p.stderr
 
 
 def test_steps_chain_and_each_is_prepared_once(tmp_path, capsys):
