@@ -143,9 +143,11 @@ class Replica:
     cooldown: float = 0.0
     probing: bool = False  # one request is trying it after its cooldown
     retired: bool = False  # it left the endpoints file
+    vetting: bool = False  # it joined; its checkpoint is being compared with the run's
+    refused: bool = False  # it serves another checkpoint: out while the endpoints file lists it
 
     def available(self, now: float) -> bool:
-        return not self.retired and not self.probing and (self.down_until is None or now >= self.down_until)
+        return not self.retired and not self.probing and not self.vetting and (self.down_until is None or now >= self.down_until)
 
     def report(self) -> dict[str, Any]:
         state = "left" if self.retired else "in rotation" if self.down_until is None else "out of rotation"
@@ -306,6 +308,8 @@ class Engine:
         self._session: aiohttp.ClientSession | None = None
         self._rr = 0
         self.model: str | None = None
+        self.checkpoint: dict[str, Any] | None = None  # the deployment's, when it is known by one: joiners must match
+        self._vetting: set[asyncio.Future] = set()
 
     async def __aenter__(self) -> "Engine":
         connector = aiohttp.TCPConnector(limit=self.cfg.concurrency + 8, limit_per_host=0, keepalive_timeout=60)
@@ -318,6 +322,8 @@ class Engine:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        for task in list(self._vetting):
+            task.cancel()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -338,17 +344,41 @@ class Engine:
             if r is None:
                 r = Replica(base, base + API_PATHS[self.api], redact_url(base))
                 self.replicas.append(r)
-            elif not r.retired:
+            elif not r.retired or r.refused:
                 continue
             r.retired, r.down_until, r.streak = False, None, 0
             if log_changes:
                 self._event(r, "joined")
+                if self.checkpoint is not None:
+                    r.vetting = True
+                    task = asyncio.ensure_future(self._vet(r))
+                    self._vetting.add(task)
+                    task.add_done_callback(self._vetting.discard)
         for r in self.replicas:
-            if r.base_url not in wanted and not r.retired:
-                r.retired = True
-                if log_changes:
-                    self._event(r, "left")
+            if r.base_url not in wanted:
+                r.refused = False  # listed again later: vetted again
+                if not r.retired:
+                    r.retired = True
+                    if log_changes:
+                        self._event(r, "left")
         self.stats.replicas = self.replicas
+
+    async def _vet(self, replica: Replica) -> None:
+        """A replica that joined mid-run serves the run's checkpoint, or it is turned away: its
+        answers would be filed under another deployment's keys."""
+        from .deployment import checkpoint
+
+        try:
+            cards = await self.model_cards(timeout=5.0, base=replica.base_url)
+            card = next((c for c in cards if c.get("id") == self.model), None)
+            theirs = checkpoint(card) if card is not None else None
+        except (RequestFailure, FatalAuthError, ValueError) as e:
+            theirs, card = None, {"error": str(e)}
+        replica.vetting = False
+        if theirs != self.checkpoint:
+            replica.retired = replica.refused = True
+            what = "does not answer GET /models" if card is None or "error" in (card or {}) else f"serves {theirs or 'no named checkpoint'}"
+            self._event(replica, "refused", f"it {what}, not this run's {self.checkpoint}")
 
     def _reread_endpoints(self) -> None:
         path = self._endpoints_file

@@ -35,6 +35,7 @@ FAULTS = ("429", "500", "reset", "hang")
 class MockState:
     def __init__(self, args: argparse.Namespace):
         self.model = args.model
+        self.root = args.root
         self.latency = args.latency
         self.itl = args.itl
         self.fault_rate = args.fault_rate
@@ -76,7 +77,8 @@ async def models(request: web.Request) -> web.Response:
     st: MockState = request.app["state"]
     if (resp := _check_auth(st, request)) is not None:
         return resp
-    return web.json_response({"object": "list", "data": [{"id": st.model, "object": "model", "owned_by": "evalkit-mock"}]})
+    card = {"id": st.model, "object": "model", "owned_by": "evalkit-mock", **({"root": st.root} if st.root else {})}
+    return web.json_response({"object": "list", "data": [card]})
 
 
 async def embeddings(request: web.Request) -> web.Response:
@@ -267,6 +269,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", default="mock-model", help="the one model id served")
+    p.add_argument("--root", default=None, help="the checkpoint its /v1/models card names (as vLLM's `root`) [none]")
     p.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     p.add_argument("--itl", type=float, default=0.0, help="seconds between streamed tokens")
     p.add_argument("--max-concurrency", type=int, default=None, help="requests worked on at once; the rest queue [no cap]")

@@ -188,11 +188,13 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
     record_datasets(ctx, root)
     engines: dict[str, Engine] = {}  # one per API: a subtask may need another than the run's (prompt scoring)
     stack = contextlib.AsyncExitStack()
+    deployment: dict[str, Any] = {}
 
     async def engine_for(api: str) -> Engine:
         if api not in engines:
             eng = engines[api] = await stack.enter_async_context(model_engine(cfg, api))
             eng.model = ctx.model
+            eng.checkpoint = deployment.get("checkpoint")  # a replica joining mid-run must serve it
         return engines[api]
 
     try:
@@ -201,6 +203,7 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
         await stack.aclose()
         raise
     ctx.manifest["deployment"] = deployment
+    engines[cfg.api].checkpoint = deployment.get("checkpoint")
     if card is not None:
         ctx.manifest["model_card"] = card
 

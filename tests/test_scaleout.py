@@ -127,23 +127,27 @@ def test_a_replica_back_from_the_dead_is_probed_into_rotation(mock_server):
 
 
 def test_the_endpoints_file_is_reread_during_the_run(mock_server, tmp_path):
-    a, b = mock_server("--latency", "0.01"), mock_server("--latency", "0.01")
+    a, b = mock_server("--latency", "0.01", "--root", "ckpt-1"), mock_server("--latency", "0.01", "--root", "ckpt-1")
+    other = mock_server("--latency", "0.01", "--root", "ckpt-2")
     f = tmp_path / "endpoints.txt"
     f.write_text(f"# replicas\n{a.url}\n")
     eng = Engine(_cfg(concurrency=4), [], endpoints_file=f)
+    eng.checkpoint = {"root": "ckpt-1"}  # the run's deployment (pipeline.generate sets it from every replica's card)
 
     def change(done: int) -> None:
         if done == 100:
-            f.write_text(f"{a.url}\n{b.url}  # joined\n")
+            f.write_text(f"{a.url}\n{b.url}  # joined\n{other.url}\n")
         if done == 400:
-            f.write_text(f"{b.url}\n")
+            f.write_text(f"{b.url}\n{other.url}\n")
 
     results = asyncio.run(_run(eng, 800, change))
     assert all(r.ok for r in results.values())
     events = [(e["endpoint"], e["event"]) for e in eng.stats.replica_events]
-    assert events == [(b.url, "joined"), (a.url, "left")]
+    assert sorted(events[:3]) == sorted([(b.url, "joined"), (other.url, "joined"), (other.url, "refused")])
+    assert events[3:] == [(a.url, "left")]
+    assert "ckpt-2" in eng.stats.replica_events[2]["reason"] and other.stats()["requests"] == 0  # another checkpoint: never asked
     # once the file is read again (every 0.5 s) a gets nothing new: at most a request already on its way
-    left_at = eng.stats.replica_events[1]["at"]
+    left_at = eng.stats.replica_events[3]["at"]
     assert sum(t > left_at + 0.01 for t, _, _ in a.log()) <= 4
     assert 0 < sum(t > eng.stats.replica_events[0]["at"] for t, _, _ in a.log())
     assert b.stats()["completed"] >= 400
