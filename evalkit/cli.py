@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+EXIT_FAILED = 1  # the run went through but produced nothing usable (every request failed)
 EXIT_USAGE = 2
 EXIT_AUTH = 3
 
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .datasets import FetchError
-    from .engine import FatalAuthError, RequestFailure
+    from .engine import FatalAuthError, FatalRunError, RequestFailure
+    from .stages import RunFailed
     from .judges import JudgeError
     from .records import RecordFileError
     from .report import ReportError
@@ -211,9 +213,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_matrix(args.file, args.only.split(",") if args.only else None, args.dry_run, args.report, args.list)
         stages = {"run": ("generate", "judge"), "generate": ("generate",), "evaluate": ("judge",)}[args.command]
         return asyncio.run(_evaluate(args, stages))
-    except FatalAuthError as e:
+    except FatalRunError as e:
         print(f"evalkit: stopped: {e}", file=sys.stderr)
-        return EXIT_AUTH
+        return EXIT_AUTH if isinstance(e, FatalAuthError) else EXIT_USAGE
+    except RunFailed as e:
+        print(f"evalkit: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except (ConfigError, DataError, FetchError, JudgeError, RecordFileError, ReportError, RequestFailure, TaskSelectionError) as e:
         print(f"evalkit: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -96,7 +96,7 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    concurrency: int = Field(64, ge=1, description="requests in flight at once")
+    concurrency: int = Field(64, ge=1, le=65536, description="requests in flight at once")
     rps: float | None = Field(None, gt=0, description="max requests started per second (smooth)")
     tpm: float | None = Field(None, gt=0, description="max tokens per minute, prompt and answer (smooth)")
     max_attempts: int = Field(6, ge=1, description="attempts per request, first one included")

@@ -29,6 +29,7 @@ import math
 import random
 import time
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -66,8 +67,16 @@ class RetryableFailure(RequestFailure):
     pass
 
 
-class FatalAuthError(Exception):
-    """401/403: no later request can succeed; the run stops."""
+class FatalRunError(Exception):
+    """Every later request would fail the same way: the run stops (records already written stay)."""
+
+
+class FatalAuthError(FatalRunError):
+    """401/403: the key is missing or wrong."""
+
+
+class FatalEndpointError(FatalRunError):
+    """404: the endpoint does not serve this model, or the URL is not an API base."""
 
 
 def classify_status(status: int) -> str:
@@ -77,6 +86,8 @@ def classify_status(status: int) -> str:
         return "transient"
     if status in (401, 403):
         return "auth"
+    if status == 404:
+        return "not_found"
     return "bad_request"
 
 
@@ -228,6 +239,7 @@ class Stats:
     ended: float | None = None
     replicas: list[Replica] = field(default_factory=list)
     replica_events: list[dict[str, Any]] = field(default_factory=list)
+    causes: Counter = field(default_factory=Counter)  # why requests failed: "kind status: message" -> count
 
     def summary(self) -> dict[str, Any]:
         wall = (self.ended or time.monotonic()) - self.started
@@ -244,6 +256,8 @@ class Stats:
         }
         if self.ttfts:
             out["ttft_s"] = percentiles(self.ttfts)
+        if self.causes:
+            out["error_causes"] = [[cause, n] for cause, n in self.causes.most_common(3)]
         if len(self.replicas) > 1 or self.replica_events:
             out["replicas"] = [r.report() for r in self.replicas]
             out["replica_events"] = list(self.replica_events)
@@ -482,6 +496,27 @@ class Engine:
                     ) from None
                 await asyncio.sleep(0.5)
 
+    async def _not_found_message(self, where: str, e: RequestFailure) -> str:
+        """Why a 404 will repeat: the model is not served (name the ones that are), or the URL is
+        not an API base (GET /models is missing too: usually a missing /v1)."""
+        head = f"{where} answered 404 ({e.message.removeprefix('HTTP 404: ')[:200]})"
+        if self.api not in OPENAI_APIS:
+            return f"{head}: check the endpoint URL"
+        try:
+            ids = [c["id"] for c in await self.model_cards(timeout=5.0)]
+        except RequestFailure as listing:
+            if listing.status == 404:
+                base = self.replicas[0].public
+                hint = "" if base.rstrip("/").endswith("/v1") else f" (try {base.rstrip('/')}/v1)"
+                return f"{head}, and GET {base}/models is missing too: the URL is not an OpenAI API base{hint}"
+            return f"{head}: check --model and the endpoint URL"
+        except (FatalAuthError, ValueError):
+            return f"{head}: check --model and the endpoint URL"
+        if self.model not in ids:
+            return (f"{head}: it does not serve model {self.model!r}; it serves {', '.join(map(repr, ids)) or 'no model'}. "
+                    f"Pass the served id as the model option")
+        return f"{head}: check the endpoint URL"
+
     def _auth_message(self, base: str, status: int) -> str:
         return (
             f"{redact_url(base)} answered {status} {'Unauthorized' if status == 401 else 'Forbidden'}: "
@@ -509,9 +544,9 @@ class Engine:
         if fresh_stats:
             self.stats = Stats(replicas=self.replicas)
         stats = self.stats
-        queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=2 * self.cfg.concurrency)
+        n_workers = min(self.cfg.concurrency, total) if total else self.cfg.concurrency  # no idle workers for small runs
+        queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=2 * n_workers)
         fatal: list[BaseException] = []
-        n_workers = self.cfg.concurrency
 
         async def produce() -> None:
             for req in requests:
@@ -571,6 +606,9 @@ class Engine:
         except RequestFailure as e:
             if e.kind == "auth":
                 raise FatalAuthError(self._auth_message(result.endpoint or self.replicas[0].base_url, e.status or 401)) from None
+            if e.kind == "not_found":
+                raise FatalEndpointError(await self._not_found_message(result.endpoint or self.replicas[0].public, e)) from None
+            self.stats.causes[f"{e.kind}{f' {e.status}' if e.status else ''}: {e.message[:160]}"] += 1
             result.error_kind, result.error_status, result.error_message = e.kind, e.status, e.message
             result.text = None
         result.latency_s = time.monotonic() - t0 - result.waited_s
@@ -706,6 +744,9 @@ class Engine:
             choice = data["choices"][0]
             text = choice["message"]["content"] if self.api == "chat" else choice["text"]
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+            if raw.lstrip()[:1] == b"<":
+                raise RetryableFailure("transient", "the endpoint answered HTML, not JSON: is the URL an OpenAI API base "
+                                                    "(usually ending in /v1)?") from None
             raise RetryableFailure("transient", f"malformed response body ({type(e).__name__}): {raw[:200]!r}") from None
         result.text = text if text is not None else ""
         result.finish_reason = choice.get("finish_reason")

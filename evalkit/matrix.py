@@ -350,7 +350,7 @@ def run_matrix(path: Path, only: list[str] | None = None, dry_run: bool = False,
     if len(places) > 1:
         run_opts["progress"] = False  # several progress bars on one terminal would garble each other
     judge_name = None
-    failed: list[str] = []
+    failed: dict[str, str] = {}  # variant -> why
     try:
         if m.judge is not None and m.judge.endpoint:
             run_opts.setdefault("judge_endpoint", m.judge.endpoint)
@@ -370,8 +370,8 @@ def run_matrix(path: Path, only: list[str] | None = None, dry_run: bool = False,
         def run_one(v: Variant) -> None:
             place = free.get()
             try:
-                if not _run_variant(m, v, run_opts, place):
-                    failed.append(v.name)
+                if (why := _run_variant(m, v, run_opts, place)) is not None:
+                    failed[v.name] = why
             finally:
                 free.put(place)
 
@@ -380,9 +380,9 @@ def run_matrix(path: Path, only: list[str] | None = None, dry_run: bool = False,
     finally:
         if judge_name:
             stop_server(judge_name)
-    runs = [d for d in (m.output / v.name for v in variants) if (d / "results.json").is_file()]
+    runs = [m.output / v.name for v in variants if v.name not in failed and (m.output / v.name / "results.json").is_file()]
     if runs and report:
-        for f in compare(runs, m.output / "report"):
+        for f in compare(runs, m.output / "report", failed):
             print(f)
     if failed:
         _log(f"{len(failed)} variant(s) failed: {', '.join(failed)} (the others are in the report); rerun to resume them")
@@ -390,8 +390,8 @@ def run_matrix(path: Path, only: list[str] | None = None, dry_run: bool = False,
     return 0
 
 
-def _run_variant(m: Matrix, v: Variant, run_opts: dict[str, Any], place: dict[str, str]) -> bool:
-    """Prepare, serve, evaluate and stop one variant (on `place`); False when it failed."""
+def _run_variant(m: Matrix, v: Variant, run_opts: dict[str, Any], place: dict[str, str]) -> str | None:
+    """Prepare, serve, evaluate and stop one variant (on `place`); why it failed, or None."""
     from .stages import run_stages
 
     server = None
@@ -409,13 +409,11 @@ def _run_variant(m: Matrix, v: Variant, run_opts: dict[str, Any], place: dict[st
         cfg = load_config(None, overrides)
         _log(f"{v.name}: evaluating {', '.join(cfg.subtasks or cfg.dimensions)}")
         asyncio.run(run_stages(cfg, ("generate", "judge")))
-        return True
-    except ConfigError as e:
-        _log(f"{v.name}: failed: {e}")
-        return False
+        return None
     except Exception as e:  # noqa: BLE001 - one variant's failure (a 401, a dead endpoint, a bad record file) stops only it
-        _log(f"{v.name}: failed: {type(e).__name__}: {e}")
-        return False
+        why = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+        _log(f"{v.name}: failed: {why}")
+        return why.splitlines()[0]
     finally:
         if server:
             stop_server(server)

@@ -361,6 +361,33 @@ def judges_for(cfg: RunConfig, task: Task) -> list[str]:
     return names
 
 
+async def check_judges(cfg: RunConfig, tasks: list[Task]) -> None:
+    """Before the first answer is asked for: every judge the run will use can be built (names,
+    options), and each judge endpoint answers and serves the judge model (when it lists its
+    models; one that does not is left to the requests)."""
+    judges: dict[str, Any] = {}
+    for task in tasks:
+        for name in judges_for(cfg, task):
+            judges.setdefault(name, make_judge(cfg, name))
+    for name, j in judges.items():
+        if not _is_remote(j) or j.api not in ("chat", "completions", "embeddings"):
+            continue
+        key = resolve_api_key(j.key_env, j.key_option)
+        async with Engine(cfg.engine, j.endpoint, key, j.api, j.key_hint) as eng:
+            try:
+                ids = [c["id"] for c in await eng.model_cards(timeout=10.0)]
+            except RequestFailure as e:
+                if e.kind == "transient":
+                    raise JudgeError(f"the {name} judge's endpoint {redact_url(j.endpoint[0])} cannot be reached: start it "
+                                     f"(./serve.sh start --role judge MODEL) or fix the endpoint option") from None
+                continue
+            except ValueError:  # /models is not JSON: the requests will say what is wrong
+                continue
+        if ids and j.model not in ids:
+            raise JudgeError(f"the {name} judge's endpoint {redact_url(j.endpoint[0])} does not serve {j.model!r}; it serves "
+                             f"{', '.join(map(repr, ids))}: fix the judge's model option")
+
+
 def _is_remote(judge: Any) -> bool:
     """Remote judges (LLM, Perspective, embeddings endpoint) run through the engine."""
     return hasattr(judge, "request")

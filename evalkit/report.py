@@ -73,7 +73,11 @@ def _fmt(m: dict | None) -> str:
     return s
 
 
-def markdown(runs, rows, cells) -> str:
+def _failed_lines(failed: dict[str, str]) -> list[str]:
+    return [f"{name}: FAILED ({reason})" for name, reason in failed.items()]
+
+
+def markdown(runs, rows, cells, failed: dict[str, str] | None = None) -> str:
     models = [n for n, _ in runs]
     lines = [
         "| dimension | subtask | metric | judge | " + " | ".join(models) + " |",
@@ -84,6 +88,8 @@ def markdown(runs, rows, cells) -> str:
         vals = " | ".join(_fmt(cells[r].get(m)) for m in models)
         lines.append(f"| {r.dimension} | {r.subtask} | {r.metric} {arrow} | {r.judge} | {vals} |")
     note = "\nValues: evalkit's (TrustLLM code's, where it differs) [answers without a valid verdict].\n"
+    if failed:
+        note += "\nNot in the table, because their run failed:\n\n" + "".join(f"- {line}\n" for line in _failed_lines(failed))
     return "\n".join(lines) + "\n" + note
 
 
@@ -126,7 +132,7 @@ def charts(runs, rows, cells, out_dir: Path) -> list[Path]:
     return paths
 
 
-def html_report(runs, rows, cells, pngs: list[Path]) -> str:
+def html_report(runs, rows, cells, pngs: list[Path], failed: dict[str, str] | None = None) -> str:
     models = [n for n, _ in runs]
     head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
     body = []
@@ -147,11 +153,13 @@ th{{background:#f4f4f4}}figure{{display:inline-block;margin:1em}}</style></head>
 {imgs}
 <table><tr><th>dimension</th><th>subtask</th><th>metric</th><th>judge</th>{head}</tr>
 {"".join(body)}
-</table></body></html>
+</table>{"<h2>Failed</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in _failed_lines(failed)) + "</ul>" if failed else ""}
+</body></html>
 """
 
 
-def compare(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+def compare(run_dirs: list[Path], out_dir: Path, failed: dict[str, str] | None = None) -> list[Path]:
+    """The report of `run_dirs`; `failed` (name -> reason) lists runs that failed, as failed."""
     if not run_dirs:
         raise ReportError("give at least one run folder (e.g. runs/<model>)")
     runs = load_results(run_dirs)
@@ -160,8 +168,8 @@ def compare(run_dirs: list[Path], out_dir: Path) -> list[Path]:
         raise ReportError("the results hold no metrics: run `evalkit run` (or `evaluate`) first")
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "comparison.md"
-    md.write_text(markdown(runs, rows, cells))
+    md.write_text(markdown(runs, rows, cells, failed))
     pngs = charts(runs, rows, cells, out_dir)
     page = out_dir / "comparison.html"
-    page.write_text(html_report(runs, rows, cells, pngs))
+    page.write_text(html_report(runs, rows, cells, pngs, failed))
     return [md, page, *pngs]

@@ -8,12 +8,31 @@ from pathlib import Path
 from typing import Any
 
 
+class RunFailed(Exception):
+    """The run went through, but every request failed: nothing to judge or score."""
+
+
+def failure_line(summary: dict[str, Any], what: str) -> str | None:
+    """'all N requests failed: cause' or 'K of N requests failed; commonest: cause (n)', or None."""
+    n, errors = summary.get("requests", 0), summary.get("errors", 0)
+    if not errors:
+        return None
+    causes = summary.get("error_causes") or [
+        c for part in summary.get("by_api", {}).values() for c in part.get("error_causes", [])]
+    cause = causes[0][0] if causes else "see the error records"
+    if errors == n:
+        return f"all {n} {what} requests failed: {cause}"
+    return f"{errors} of {n} {what} requests failed; commonest cause: {cause} ({causes[0][1] if causes else '?'}x)"
+
+
 async def run_stages(cfg, stages: tuple[str, ...]) -> int:
     """The stages of `run` / `generate` / `evaluate` for one configuration (also used by `matrix`)."""
-    from .pipeline import RunContext, discover_model, generate, judge, load_manifest, model_slug, score
+    from .pipeline import RunContext, check_judges, discover_model, generate, judge, load_manifest, model_slug, score
     from .tasks import select
 
     tasks = select(cfg.dimensions, cfg.subtasks)
+    if "judge" in stages:  # every judge option is checked before the first answer is asked for
+        await check_judges(cfg, tasks)
     if "generate" in stages:
         model = await discover_model(cfg)
         run_dir = cfg.output / (cfg.run_name or model_slug(model))
@@ -33,6 +52,11 @@ async def run_stages(cfg, stages: tuple[str, ...]) -> int:
                 file=sys.stderr,
             )
         _print_replicas(g)
+        line = failure_line(g, "generation")
+        if line and g["errors"] == g["requests"]:
+            raise RunFailed(f"{line}. The error records are in {run_dir / 'responses'}; fix the cause and rerun to resume")
+        if line:
+            print(f"evalkit: {line}", file=sys.stderr)
     if "judge" in stages:
         await judge(ctx)
         results = score(ctx)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from evalkit.config import EngineConfig
-from evalkit.engine import Engine, FatalAuthError, Request, classify_status, parse_retry_after
+from evalkit.engine import FatalEndpointError, Engine, FatalAuthError, Request, classify_status, parse_retry_after
 
 
 def _cfg(**kw) -> EngineConfig:
@@ -40,7 +40,8 @@ def test_classification_table():
     assert classify_status(429) == "rate_limit"
     assert [classify_status(s) for s in (408, 409, 500, 502, 503)] == ["transient"] * 5
     assert [classify_status(s) for s in (401, 403)] == ["auth", "auth"]
-    assert [classify_status(s) for s in (400, 404, 413, 422)] == ["bad_request"] * 4
+    assert [classify_status(s) for s in (400, 413, 422)] == ["bad_request"] * 3
+    assert classify_status(404) == "not_found"  # the model or the path: every later request repeats it
 
 
 def test_retry_after_parsing():
@@ -100,11 +101,30 @@ def test_attempt_and_time_caps_end_in_error_record(mock_server):
 
 def test_bad_request_is_not_retried(mock_server):
     srv = mock_server()
-    results, stats = asyncio.run(_run(_cfg(), [srv.url], 3, model="no-such-model"))
-    for r in results.values():
-        assert r.error_kind == "bad_request" and r.error_status == 404 and r.attempts == 1
-        assert "does not exist" in r.error_message
+
+    async def go():
+        out = []
+        async with Engine(_cfg(), [srv.url]) as eng:
+            eng.model = "mock-model"
+            await eng.run([Request(f"k{i}", {"max_tokens": 4}) for i in range(3)], lambda q, r: out.append(r))  # no messages
+        return out
+
+    for r in asyncio.run(go()):
+        assert r.error_kind == "bad_request" and r.error_status == 400 and r.attempts == 1
+        assert "'messages' must be a non-empty list" in r.error_message
     assert srv.stats()["requests"] == 3
+
+
+def test_an_unknown_model_stops_the_run_naming_the_served_ones(mock_server):
+    srv = mock_server()
+    with pytest.raises(FatalEndpointError) as e:
+        asyncio.run(_run(_cfg(), [srv.url], 50, model="mock"))
+    msg = str(e.value)
+    assert "404" in msg and "does not serve model 'mock'" in msg and "'mock-model'" in msg
+    assert srv.stats()["requests"] < 50  # stopped at once, as a 401 does
+    # a URL that is no API base (its /models is missing too): the missing /v1 is named
+    with pytest.raises(FatalEndpointError, match=r"not an OpenAI API base \(try http://127.0.0.1:\d+/v1\)"):
+        asyncio.run(_run(_cfg(), [srv.url.removesuffix("/v1")], 5))
 
 
 def test_401_stops_the_run_with_the_key_variable_named(mock_server):
