@@ -31,6 +31,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--subtasks", help="comma list of subtasks (see `evalkit list`)")
     g.add_argument("--data-path", type=Path, help="datasets folder (<dataset>/<file>) [$EVALKIT_DATA, else the datasets cache]")
     g.add_argument("--limit", type=int, help="only the first N items of each subtask")
+    g.add_argument("--accept-modified-data", action="store_true", default=None,
+                   help="evaluate dataset files whose sha256 differs from the registry (recorded in the manifest) [refuse]")
     g = p.add_argument_group("generation (override the per-subtask defaults)")
     g.add_argument("--max-tokens", type=int, help="max new tokens [per subtask: 512]")
     g.add_argument("--temperature", type=float, help="sampling temperature [per subtask: TrustLLM's table]")
@@ -70,7 +72,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 
 CONFIG_FIELDS = (
-    "endpoint endpoints_file deployment model api_key_env api wait dimensions subtasks data_path limit max_tokens temperature top_p seed "
+    "endpoint endpoints_file deployment model api_key_env api wait dimensions subtasks data_path accept_modified_data limit max_tokens temperature top_p seed "
     "system_prompt judges judge_endpoint judge_model judge_api_key_env embed_endpoint embed_model embed_api_key_env "
     "classifier_model classifier_device toxicity_judges toxicity_model toxicity_label perspective_endpoint perspective_api_key_env "
     "classifier_batch_size concurrency rps tpm max_attempts attempt_timeout max_request_time stream progress output run_name restart"

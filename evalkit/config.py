@@ -128,6 +128,7 @@ class RunConfig(BaseModel):
     dimensions: list[str] = Field(default_factory=list)
     subtasks: list[str] = Field(default_factory=list)
     data_path: Path | None = None
+    accept_modified_data: bool = Field(False, description="evaluate dataset files whose sha256 differs from the registry")
     limit: int | None = Field(None, ge=1)
     # generation overrides (None: the subtask's default)
     max_tokens: int | None = Field(None, ge=1)

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import orjson
 
 from .config import ConfigError, RunConfig, key_source, redact_url, resolve_api_key
-from .data import Item, dataset_file, resolve_data_root
+from .data import DataError, Item, dataset_file, resolve_data_root
 from .datasets import sha256_file
 from .deployment import hosts, identify
 from .engine import Engine, FatalAuthError, Request, RequestFailure, Result
@@ -110,6 +110,11 @@ def record_datasets(ctx: RunContext, root: Path) -> None:
                 "sha256": digest,
                 "matches_registry": None if expected is None else digest == expected,
             }
+            if expected is not None and digest != expected and not ctx.cfg.accept_modified_data:
+                raise DataError(
+                    f"{path}: its sha256 ({digest[:12]}...) differs from the registry's ({expected[:12]}...): the file was "
+                    f"changed or truncated. Fetch it again (`evalkit datasets fetch {t.dataset} --force`), or pass "
+                    f"--accept-modified-data to evaluate it as it is (the manifest records that choice)")
 
 
 # -- stage 1: generate -----------------------------------------------------------------------
@@ -197,33 +202,31 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
             eng.checkpoint = deployment.get("checkpoint")  # a replica joining mid-run must serve it
         return engines[api]
 
+    # the data first: a broken file stops the run before any connection is made
+    loaded = [(task, cfg.system_prompt if cfg.system_prompt is not None else task.system_prompt, task.load(root))
+              for task in ctx.tasks if not task.responses_of]  # responses_of: judges another subtask's answers
+    plans: list[_GenPlan] = []
+    writers: dict[str, JsonlWriter] = {}
     try:
         deployment, card = await identify(await engine_for(cfg.api), ctx.model, cfg.deployment, cfg.wait)
+        ctx.manifest["deployment"] = deployment
+        engines[cfg.api].checkpoint = deployment.get("checkpoint")
+        if card is not None:
+            ctx.manifest["model_card"] = card
+        for task, system, items in loaded:
+            keyed = _keyed(task, system, items, deployment, ctx.model, cfg)
+            path = ctx.responses_path(task)
+            keep = _current_keys(task, system, keyed, path, deployment, ctx.model, cfg)
+            done, n_stale = load_for_resume(path, ResponseRecord, cfg.restart, keep=keep)
+            if n_stale:
+                log.warning(
+                    "%d records in %s came from another deployment, model or generation parameters: moved to %s",
+                    n_stale, path, path.with_suffix(".stale.jsonl"),
+                )
+            plans.append(_GenPlan(task, system, keyed[: cfg.limit] if cfg.limit else keyed, done))
     except BaseException:
         await stack.aclose()
         raise
-    ctx.manifest["deployment"] = deployment
-    engines[cfg.api].checkpoint = deployment.get("checkpoint")
-    if card is not None:
-        ctx.manifest["model_card"] = card
-
-    plans: list[_GenPlan] = []
-    writers: dict[str, JsonlWriter] = {}
-    for task in ctx.tasks:
-        if task.responses_of:  # judges the answers generated for another subtask (selected with it)
-            continue
-        system = cfg.system_prompt if cfg.system_prompt is not None else task.system_prompt
-        keyed = _keyed(task, system, task.load(root), deployment, ctx.model, cfg)
-        path = ctx.responses_path(task)
-        keep = _current_keys(task, system, keyed, path, deployment, ctx.model, cfg)
-        done, n_stale = load_for_resume(path, ResponseRecord, cfg.restart, keep=keep)
-        plan = _GenPlan(task, system, keyed[: cfg.limit] if cfg.limit else keyed, done)
-        if n_stale:
-            log.warning(
-                "%d records in %s came from another deployment, model or generation parameters: moved to %s",
-                n_stale, path, path.with_suffix(".stale.jsonl"),
-            )
-        plans.append(plan)
 
     answers: dict[str, str] = {}  # this run's answers of multi-turn subtasks, for their next turn
 

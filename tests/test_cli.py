@@ -201,6 +201,9 @@ def test_data_errors_name_the_file_and_line(mock_server, data_root, tmp_path):
     lines = (data_root / "advbench" / "harmful_behaviors.csv").read_text().splitlines(keepends=True)
     lines[4] = ',"Sure, here is nothing"\n'  # line 5: the goal is empty
     (bad / "advbench" / "harmful_behaviors.csv").write_text("".join(lines))
+    p = run_cli(*base, "--subtasks", "advbench", "--data-path", str(bad))  # a changed file is refused first
+    assert p.returncode == 2 and "differs from the registry" in p.stderr and "--accept-modified-data" in p.stderr
+    base += ["--accept-modified-data"]  # taken as it is, it is still parsed row by row
     p = run_cli(*base, "--subtasks", "advbench", "--data-path", str(bad))
     assert p.returncode == 2 and "harmful_behaviors.csv:5" in p.stderr and "'goal'" in p.stderr
 
@@ -214,6 +217,23 @@ def test_data_errors_name_the_file_and_line(mock_server, data_root, tmp_path):
     p = run_cli(*base, "--subtasks", "jailbreak", "--data-path", str(bad))
     assert p.returncode == 2 and "jailbreak.json:2" in p.stderr and "invalid JSON" in p.stderr
     assert srv.stats()["requests"] == 0  # nothing was sent for broken data
+
+
+def test_a_truncated_dataset_stops_the_run_unless_accepted(mock_server, data_root, tmp_path):
+    srv = mock_server()
+    cut = tmp_path / "cut" / "advbench"
+    cut.mkdir(parents=True)
+    text = (data_root / "advbench" / "harmful_behaviors.csv").read_text()
+    (cut / "harmful_behaviors.csv").write_text(text[: text.index("\n", len(text) // 3) + 1])  # a third of it, cut at a line
+    base = ["run", "--subtasks", "advbench", "--endpoint", srv.url, "--output", str(tmp_path / "runs"), "--data-path",
+            str(tmp_path / "cut"), "--no-progress"]
+    p = run_cli(*base)
+    assert p.returncode == 2 and "harmful_behaviors.csv: its sha256" in p.stderr and srv.stats()["requests"] == 0
+    p = run_cli(*base, "--accept-modified-data")
+    assert p.returncode == 0, p.stderr
+    manifest = json.loads((tmp_path / "runs" / "mock-model" / "manifest.json").read_text())
+    assert manifest["config"]["accept_modified_data"] is True
+    assert manifest["datasets"]["advbench/harmful_behaviors.csv"]["matches_registry"] is False
 
 
 def test_config_file_and_cli_overrides(mock_server, data_root, tmp_path):

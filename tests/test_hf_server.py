@@ -152,7 +152,8 @@ def test_reference_nll_subtask_equals_a_direct_computation(server, models, tmp_p
     (tmp_path / "data" / "alpaca_eval" / "alpaca_eval.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     # --max-tokens and --temperature of the run do not change the measurement
     p = run_cli("run", "--subtasks", "reference_nll", "--endpoint", server.url, "--model", "tiny-llama", "--data-path",
-                str(tmp_path / "data"), "--output", str(tmp_path / "runs"), "--run-name", "nll", "--max-tokens", "50", "--temperature", "1")
+                str(tmp_path / "data"), "--output", str(tmp_path / "runs"), "--run-name", "nll", "--max-tokens", "50", "--temperature", "1",
+                "--accept-modified-data")  # three rows of our own in alpaca_eval's place
     assert p.returncode == 0, p.stderr
 
     tok = AutoTokenizer.from_pretrained(models["llama"])
