@@ -227,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("evalkit: interrupted; records written so far are kept, rerun to resume", file=sys.stderr)
         return 130
+    except OSError as e:  # a disk that fills up or a file that can't be written mid-run: name it
+        where = f" {e.filename}" if e.filename else ""
+        print(f"evalkit: error: cannot write or read{where}: {e.strerror or e}; records written so far are kept, "
+              f"fix it and rerun to resume", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

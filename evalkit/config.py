@@ -50,6 +50,23 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+def check_url(url: str, option: str) -> str:
+    """`url` if it is an http(s) base URL; else ConfigError naming the option and the fix.
+    Credentials inside a URL are refused: they would reach logs and shell history."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as e:
+        raise ConfigError(f"{option} {url!r} is not a valid URL ({e}): give a base URL such as http://127.0.0.1:8000/v1") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{option} {redact_url(url) if parts.hostname else url!r} is not an http(s) base URL: write it with "
+                          f"its scheme, such as http://127.0.0.1:8000/v1")
+    if parts.username or parts.password:
+        raise ConfigError(f"{option} {redact_url(url)} carries credentials in the URL: drop them and put the key in an "
+                          f"environment variable named with the matching --...-api-key-env option")
+    return url
+
+
 def read_endpoints_file(path: Path) -> list[str]:
     """Base URLs, one per line or comma-separated; blank lines and # comments are skipped."""
     try:
@@ -59,11 +76,7 @@ def read_endpoints_file(path: Path) -> list[str]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read the endpoints file {path} ({e}): it must be a text file of base URLs") from None
     urls = _split_list([line.split("#", 1)[0] for line in text.splitlines()])
-    bad = [u for u in urls if urlsplit(u).scheme not in ("http", "https") or not urlsplit(u).hostname]
-    if bad:
-        raise ConfigError(f"endpoints file {path}: {redact_url(bad[0]) if '://' in bad[0] else bad[0]!r} is not an http(s) "
-                          f"base URL such as http://127.0.0.1:8000/v1")
-    return urls
+    return [check_url(u, f"endpoints file {path}:") for u in urls]
 
 
 def resolve_api_key(env_name: str | None, option: str = "--api-key-env", fallback: bool = True) -> str | None:
@@ -173,6 +186,11 @@ class RunConfig(BaseModel):
     def _comma_lists(cls, value: Any) -> Any:
         return _split_list(value)
 
+    @field_validator("endpoint", "judge_endpoint", "embed_endpoint", "perspective_endpoint")
+    @classmethod
+    def _urls(cls, value: list[str], info: Any) -> list[str]:
+        return [check_url(u, "--" + info.field_name.replace("_", "-")) for u in value]
+
     def public_dump(self) -> dict[str, Any]:
         """The config as stored in manifests: URLs redacted, no secrets (keys are never held)."""
         data = self.model_dump(mode="json")
@@ -186,16 +204,27 @@ class RunConfig(BaseModel):
 ENGINE_FIELDS = set(EngineConfig.model_fields)
 
 
+def read_toml(path: Path, what: str, option: str) -> dict[str, Any]:
+    """A TOML file's table, or ConfigError naming the file and what is wrong with it."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist: check the {option} path") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder: give the TOML file inside it") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text: give a TOML file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path} ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} {path} is not valid TOML: {e}") from None
+
+
 def load_config(config_file: Path | None, overrides: dict[str, Any]) -> RunConfig:
     """Merge a TOML file (optional) with command-line overrides (None values are ignored)."""
     data: dict[str, Any] = {}
     if config_file is not None:
-        try:
-            data = tomllib.loads(Path(config_file).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {config_file} does not exist: check the --config path") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {config_file} is not valid TOML: {e}") from None
+        data = read_toml(Path(config_file), "config file", "--config")
     engine = dict(data.pop("engine", {}) or {})
     for name in list(data):
         if name in ENGINE_FIELDS:

@@ -484,7 +484,9 @@ class Engine:
                     if resp.status in (401, 403):
                         raise FatalAuthError(self._auth_message(base, resp.status))
                     if resp.status != 200:
-                        raise RequestFailure("bad_request", f"GET {redact_url(base)}/models answered {resp.status}", resp.status)
+                        hint = (f" (is /v1 missing? try {redact_url(base)}/v1)"
+                                if resp.status == 404 and not base.rstrip("/").endswith("/v1") else "")
+                        raise RequestFailure("bad_request", f"GET {redact_url(base)}/models answered {resp.status}{hint}", resp.status)
                     data = orjson.loads(await resp.read())
                     return [m for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:

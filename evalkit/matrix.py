@@ -65,7 +65,6 @@ import queue
 import subprocess
 import sys
 import threading
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -74,7 +73,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from servers.spec import ServeSpec, argv
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, read_toml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -201,12 +200,7 @@ class Matrix(BaseModel):
 
 
 def load_matrix(path: Path) -> Matrix:
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"matrix file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"matrix file {path} is not valid TOML: {e}") from None
+    data = read_toml(path, "matrix file", "matrix FILE")
     try:
         m = Matrix.model_validate(data)
     except ValidationError as e:

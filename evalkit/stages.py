@@ -38,6 +38,7 @@ async def run_stages(cfg, stages: tuple[str, ...]) -> int:
         run_dir = cfg.output / (cfg.run_name or model_slug(model))
     else:
         run_dir, model = _existing_run(cfg)
+    _check_writable(run_dir)
     ctx = RunContext(cfg, tasks, model, run_dir, load_manifest(run_dir))
     print(f"evalkit: model {model}, run folder {run_dir}, subtasks {', '.join(t.name for t in tasks)}", file=sys.stderr)
     if "generate" in stages:
@@ -65,6 +66,20 @@ async def run_stages(cfg, stages: tuple[str, ...]) -> int:
     else:
         print(f"evalkit: responses in {run_dir / 'responses'}; judge and score them with `evalkit evaluate`", file=sys.stderr)
     return 0
+
+
+def _check_writable(run_dir: Path) -> None:
+    """The run folder can be made and written, before any request is sent."""
+    from .config import ConfigError
+
+    probe = run_dir / ".evalkit-write-check"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write the run folder {run_dir} ({e.strerror or e}): choose another --output "
+                          f"(or --run-name), or free the space") from None
 
 
 def _print_replicas(summary: dict[str, Any]) -> None:
