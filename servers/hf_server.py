@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import hmac
 import os
 import sys
 import threading
@@ -38,6 +39,8 @@ from aiohttp import web
 from . import recipe as recipes
 from .loading import QUANTS, Loaded, LoadError, load, model_spec
 from .spec import HF_FIELDS, add_arguments, from_namespace
+
+BODY_READ_TIMEOUT = 30.0  # seconds a request body may take to arrive
 
 
 class APIError(Exception):
@@ -277,6 +280,16 @@ def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
 # -- request parsing ---------------------------------------------------------------------------
 
 
+def _flag(body: dict, name: str) -> bool:
+    """A boolean field: true, false or absent (a string "false" is not false)."""
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise APIError(400, f"'{name}' must be true or false, got {value!r}", param=name)
+    return value
+
+
 def _number(body: dict, name: str, default: Any, lo: float, hi: float, kind: type = float) -> Any:
     value = body.get(name, default)
     if value is None:
@@ -327,7 +340,9 @@ class Server:
     async def _errors(self, request: web.Request, handler):
         try:
             if request.path.startswith("/v1/") and self.api_key is not None:
-                if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+                scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+                # compare_digest: the time taken does not tell how much of a guessed key was right
+                if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
                     raise APIError(401, "invalid or missing API key (send it as 'Authorization: Bearer <key>')", "authentication_error")
             return await handler(request)
         except APIError as e:
@@ -349,8 +364,12 @@ class Server:
         return web.json_response({"object": "list", "data": [card]})
 
     async def _body(self, request: web.Request) -> dict:
+        try:  # a client that sends its body slowly (slowloris) is cut off instead of holding a slot
+            raw = await asyncio.wait_for(request.read(), BODY_READ_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {BODY_READ_TIMEOUT:.0f} s") from None
         try:
-            body = orjson.loads(await request.read())
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
             raise APIError(400, f"request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
@@ -383,7 +402,7 @@ class Server:
         prompt = self.loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         logprobs = None
-        if body.get("logprobs"):
+        if _flag(body, "logprobs"):
             logprobs = _number(body, "top_logprobs", 0, 0, 20, int)
         return await self._serve(request, body, ids, gen, chat=True, logprobs=logprobs)
 
@@ -395,15 +414,13 @@ class Server:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "'prompt' must be a non-empty string (one prompt per request)", param="prompt")
-        echo = body.get("echo", False)
-        if not isinstance(echo, bool):
-            raise APIError(400, "'echo' must be true or false", param="echo")
-        if echo and body.get("stream"):
+        echo = _flag(body, "echo")
+        if echo and _flag(body, "stream"):
             raise APIError(400, "echo is not supported with stream: send stream false", param="echo")
         enc = self.loaded.tokenizer(prompt, return_offsets_mapping=echo and self.loaded.tokenizer.is_fast)
         ids = enc["input_ids"]
         lp = body.get("logprobs")
-        logprobs = None if lp is None or lp is False else _number(body, "logprobs", 0, 0, 20, int)
+        logprobs = None if lp is None else _number(body, "logprobs", 0, 0, 20, int)
         echoed = None
         if echo:
             echoed = Echo(prompt, self._text_offsets(prompt, ids, enc.get("offset_mapping")))
@@ -417,8 +434,13 @@ class Server:
         return [len(tok.decode(ids[:i], skip_special_tokens=True)) for i in range(len(ids))]
 
     async def _serve(self, request, body, ids, gen, chat: bool, logprobs: int | None, echo: "Echo | None" = None) -> web.StreamResponse:
-        if body.get("n", 1) not in (1, None):
-            raise APIError(400, f"only n=1 is supported (got n={body['n']!r}); send n requests instead", param="n")
+        n = body.get("n")
+        if n is not None and (isinstance(n, bool) or n != 1):
+            raise APIError(400, f"only n=1 is supported (got n={n!r}); send n requests instead", param="n")
+        stream = _flag(body, "stream")
+        options = body.get("stream_options")
+        if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)):
+            raise APIError(400, "'stream_options' must be an object such as {\"include_usage\": true}", param="stream_options")
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = _number(body, "top_p", 1.0, 1e-9, 1.0)
         top_k = _number(body, "top_k", 0, -1, 1_000_000, int)
@@ -438,12 +460,10 @@ class Server:
                 f"Shorten the prompt or lower max_tokens.",
                 param="max_tokens",
             )
-        stop = body.get("stop") or []
-        if isinstance(stop, str):
-            stop = [stop]
+        stop = body.get("stop")
+        stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
             raise APIError(400, "'stop' must be a string or a list of up to 4 non-empty strings", param="stop")
-        stream = bool(body.get("stream"))
         do_sample = temperature > 1e-5
         sampling = (do_sample, temperature, top_p, top_k if top_k > 0 else None, seed) if do_sample else (False, None, None, None, seed)
         loop = asyncio.get_running_loop()

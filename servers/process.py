@@ -53,6 +53,8 @@ def ready(base_url: str, api_key: str | None = None, timeout: float = 2.0) -> bo
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status == 200
+    except urllib.error.HTTPError as e:  # a server that asks for a key it was not given is up all the same
+        return e.code in (401, 403)
     except (urllib.error.URLError, OSError):
         return False
 

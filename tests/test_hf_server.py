@@ -191,6 +191,14 @@ def test_bad_request_matrix_and_the_server_survives(server):
         (dict(model="tiny-llama", messages=msgs, stop=["a", "b", "c", "d", "e"]), openai.BadRequestError, "stop"),
         (dict(model="tiny-llama", messages=[{"role": "user", "content": "hello " * 600}]), openai.BadRequestError, "maximum context length"),
         (dict(model="tiny-llama", messages=[{"role": "wizard", "content": "x"}]), openai.BadRequestError, "role"),
+        # wrong types are refused before anything starts (a stream would otherwise hang or stream anyway)
+        (dict(model="tiny-llama", messages=msgs, stream=True, stream_options="yes"), openai.BadRequestError, "stream_options"),
+        (dict(model="tiny-llama", messages=msgs, extra_body={"stream": "false"}), openai.BadRequestError, "'stream' must be true or false"),
+        (dict(model="tiny-llama", messages=msgs, extra_body={"logprobs": -1}), openai.BadRequestError, "'logprobs' must be true or false"),
+        (dict(model="tiny-llama", messages=msgs, extra_body={"stop": {}}), openai.BadRequestError, "stop"),
+        (dict(model="tiny-llama", messages=msgs, extra_body={"n": True}), openai.BadRequestError, "n=1"),
+        (dict(model="tiny-llama", messages=msgs, top_logprobs=2, logprobs=True, extra_body={"top_logprobs": "2"}),
+         openai.BadRequestError, "top_logprobs"),
     ]
     for kwargs, exc, words in cases:
         with pytest.raises(exc) as e:
@@ -203,6 +211,10 @@ def test_bad_request_matrix_and_the_server_survives(server):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=10)
         assert e.value.code == 400 and "error" in json.loads(e.value.read())
+    big = urllib.request.Request(server.url + "/chat/completions", data=b" " * (33 * 1024 * 1024), headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:  # over the 32 MiB body limit
+        urllib.request.urlopen(big, timeout=30)
+    assert e.value.code == 413 and "error" in json.loads(e.value.read())
     assert server.health()["status"] == "ok"
     assert c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=3).choices[0].message.content is not None
 
@@ -275,6 +287,17 @@ def test_chat_template_file_and_api_key(models, tmp_path):
             client(s, "wrong").chat.completions.create(model="plain", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         r = client(s, "k-123").chat.completions.create(model="plain", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         assert r.choices[0].message.content is not None
+        for header, code in (("bearer k-123", 200), ("BEARER  k-123", 200), ("Basic k-123", 401), ("Bearer k-12", 401)):
+            req = urllib.request.Request(s.url + "/models", headers={"Authorization": header})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    got = resp.status
+            except urllib.error.HTTPError as e:
+                got = e.code
+            assert got == code, header  # the scheme in any case, the key exactly
+        from servers.process import ready
+
+        assert ready(s.url) and ready(s.url, "k-123")  # up, whether or not the checker knows the key
     finally:
         s.stop()
 
