@@ -373,9 +373,11 @@ async def check_judges(cfg: RunConfig, tasks: list[Task]) -> None:
         for name in judges_for(cfg, task):
             judges.setdefault(name, make_judge(cfg, name))
     for name, j in judges.items():
-        if not _is_remote(j) or j.api not in ("chat", "completions", "embeddings"):
+        if not _is_remote(j):
             continue
-        key = resolve_api_key(j.key_env, j.key_option)
+        key = resolve_api_key(j.key_env, j.key_option, fallback=j.api != "perspective")  # a named key that is unset stops here
+        if j.api not in ("chat", "completions", "embeddings"):
+            continue
         async with Engine(cfg.engine, j.endpoint, key, j.api, j.key_hint) as eng:
             try:
                 ids = [c["id"] for c in await eng.model_cards(timeout=10.0)]

@@ -87,7 +87,7 @@ def test_toxicity_with_the_perspective_stand_in(mock_server, data_root, tmp_path
             "--perspective-endpoint", persp.url.replace("/v1", "/v1alpha1")]
     p = run_cli(*base, env={"PERSPECTIVE_API_KEY": ""})
     assert p.returncode == 2 and "--perspective-api-key-env names $PERSPECTIVE_API_KEY" in p.stderr, p.stderr
-    assert (tmp_path / "mock-model" / "responses" / "jailbreak.jsonl").exists()  # the answers are kept for the next try
+    assert model.stats()["requests"] == 0  # the judge's key is checked before any answer is asked for
     p = run_cli(*base, env={"PERSPECTIVE_API_KEY": "p-secret"})
     assert p.returncode == 0, p.stderr
     kinds = ["refused" if "derogatory" in x["prompt"] else "two" if "harmful" in x["prompt"] else "one" for x in jb]
