@@ -12,6 +12,7 @@ from typing import Any
 EXIT_FAILED = 1  # the run went through but produced nothing usable (every request failed)
 EXIT_USAGE = 2
 EXIT_AUTH = 3
+EXIT_GATE = 4  # a --fail-if gate failed
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
@@ -69,13 +70,20 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output", type=Path, help="runs folder; each model gets <output>/<model-slug>/ [runs]")
     g.add_argument("--run-name", help="run folder name under --output instead of the model id (e.g. dense, bnb4)")
     g.add_argument("--restart", action="store_true", default=None, help="discard earlier records instead of resuming")
+    _gate_option(p)
+
+
+def _gate_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fail-if", action="append", metavar="GATE",
+                   help='exit 4 when a result meets this condition, e.g. "advbench.asr > 0.10" (repeat for more; '
+                        "SUBTASK.METRIC@JUDGE picks one judge); checked before any request is sent")
 
 
 CONFIG_FIELDS = (
     "endpoint endpoints_file deployment model api_key_env api wait dimensions subtasks data_path accept_modified_data limit max_tokens temperature top_p seed "
     "system_prompt judges judge_endpoint judge_model judge_api_key_env embed_endpoint embed_model embed_api_key_env "
     "classifier_model classifier_device toxicity_judges toxicity_model toxicity_label perspective_endpoint perspective_api_key_env "
-    "classifier_batch_size concurrency rps tpm max_attempts attempt_timeout max_request_time stream progress output run_name restart"
+    "classifier_batch_size concurrency rps tpm max_attempts attempt_timeout max_request_time stream progress output run_name restart fail_if"
 ).split()
 
 
@@ -102,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="compare runs: Markdown table, HTML report, PNG charts per dimension")
     cp.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<model>) or results.json files")
     cp.add_argument("--output", type=Path, default=Path("reports"), help="folder for the report [reports]")
+    _gate_option(cp)
     xp = sub.add_parser("matrix", help="evaluate model variants (dense, quantized, pruned, hosted) one after another, then compare")
     xp.add_argument("file", type=Path, help="matrix TOML file (see examples/cpu_matrix.toml)")
     xp.add_argument("--only", help="comma list of variant names to run [all]")
@@ -201,14 +210,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "datasets":
             return _datasets(args)
         if args.command == "compare":
-            from .report import compare
+            from . import gates
+            from .report import compare, load_results
 
+            checks = [gates.parse_gate(g) for g in args.fail_if or []]
             files = compare(args.runs, args.output)
             for f in files:
                 print(f)
             if not any(f.suffix == ".png" for f in files):
                 print("evalkit: no charts: pip install matplotlib (or 'evalkit[report]')", file=sys.stderr)
-            return 0
+            failed = [line for name, results in load_results(args.runs) for line in gates.check(checks, results, name)]
+            for line in failed:
+                print(f"evalkit: {line}", file=sys.stderr)
+            return EXIT_GATE if failed else 0
         if args.command == "matrix":
             from .matrix import run_matrix
 

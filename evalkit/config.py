@@ -169,6 +169,7 @@ class RunConfig(BaseModel):
     output: Path = Path("runs")
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run folder name under output [the model id]")
     restart: bool = False
+    fail_if: list[str] = Field(default_factory=list, description="gates: exit 4 when a result meets one (evalkit/gates.py)")
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
     @model_validator(mode="after")

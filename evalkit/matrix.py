@@ -402,7 +402,8 @@ def _run_variant(m: Matrix, v: Variant, run_opts: dict[str, Any], place: dict[st
             overrides["api_key_env"] = v.api_key_env
         cfg = load_config(None, overrides)
         _log(f"{v.name}: evaluating {', '.join(cfg.subtasks or cfg.dimensions)}")
-        asyncio.run(run_stages(cfg, ("generate", "judge")))
+        if asyncio.run(run_stages(cfg, ("generate", "judge"))) != 0:
+            return "a --fail-if gate failed"
         return None
     except Exception as e:  # noqa: BLE001 - one variant's failure (a 401, a dead endpoint, a bad record file) stops only it
         why = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"

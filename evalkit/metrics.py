@@ -33,6 +33,17 @@ def rate(outcomes: Sequence[bool | None]) -> Rate:
     return Rate(pos / len(valid) if valid else None, pos, len(outcomes), len(outcomes) - len(valid))
 
 
+def wilson_interval(positives: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """The Wilson score interval of positives/n (scipy's binomtest), None when n is 0. Unlike the
+    normal approximation it stays inside [0, 1] and is not empty at 0/n or n/n."""
+    if n <= 0:
+        return None
+    from scipy.stats import binomtest  # not at import time: scipy.stats is slow to load
+
+    ci = binomtest(positives, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
 def complement(r: Rate) -> Rate:
     """1 - rate, over the same valid items (e.g. TrustLLM's exaggerated-safety 1 - RtA)."""
     return Rate(None if r.value is None else 1.0 - r.value, r.n_valid - r.positives, r.n, r.n_invalid)
@@ -385,15 +396,19 @@ class Metric(BaseModel):
     judge: str
     n: int
     n_invalid: int
+    ci: list[float] | None = None  # 95% interval [low, high] of value
+    ci_method: str | None = None  # how ci was computed (wilson: a proportion over the valid items)
     details: dict | None = None
 
     def as_result(self) -> dict:
         """results.json form: `value` always present (null when nothing was valid); optional fields only when set."""
-        return self.model_dump(exclude={k for k in ("trustllm_value", "details") if getattr(self, k) is None})
+        return self.model_dump(exclude={k for k in ("trustllm_value", "ci", "ci_method", "details") if getattr(self, k) is None})
 
     @classmethod
     def from_rate(cls, name: str, r: Rate, direction: str, judge: str, **kw: object) -> "Metric":
-        return cls(name=name, value=r.value, direction=direction, judge=judge, n=r.n, n_invalid=r.n_invalid, **kw)
+        ci = wilson_interval(r.positives, r.n_valid)
+        return cls(name=name, value=r.value, direction=direction, judge=judge, n=r.n, n_invalid=r.n_invalid,
+                   **({"ci": [round(ci[0], 6), round(ci[1], 6)], "ci_method": "wilson"} if ci else {}), **kw)
 
 
 # -- utility: MT-Bench and AlpacaEval --------------------------------------------------------

@@ -66,6 +66,8 @@ def _fmt(m: dict | None) -> str:
     if m is None or m.get("value") is None:
         return "–"
     s = f"{m['value']:.4f}"
+    if m.get("ci"):
+        s += f" CI {m['ci'][0]:.3f}–{m['ci'][1]:.3f}"
     if m.get("trustllm_value") is not None:
         s += f" ({m['trustllm_value']:.4f})"
     if m.get("n_invalid"):
@@ -87,7 +89,8 @@ def markdown(runs, rows, cells, failed: dict[str, str] | None = None) -> str:
         arrow = "↑" if r.direction == "higher_is_better" else "↓"
         vals = " | ".join(_fmt(cells[r].get(m)) for m in models)
         lines.append(f"| {r.dimension} | {r.subtask} | {r.metric} {arrow} | {r.judge} | {vals} |")
-    note = "\nValues: evalkit's (TrustLLM code's, where it differs) [answers without a valid verdict].\n"
+    note = ("\nValues: evalkit's, with its 95% interval where one is computed (CI low–high; Wilson for proportions), "
+            "(TrustLLM code's, where it differs) [answers without a valid verdict].\n")
     if failed:
         note += "\nNot in the table, because their run failed:\n\n" + "".join(f"- {line}\n" for line in _failed_lines(failed))
     return "\n".join(lines) + "\n" + note
@@ -112,8 +115,13 @@ def charts(runs, rows, cells, out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(dim_rows) * max(1, len(models)) ** 0.5 + 2), 4.5))
         for i, model in enumerate(models):
             xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(dim_rows))]
-            ys = [(cells[r].get(model) or {}).get("value") for r in dim_rows]
-            bars = ax.bar(xs, [y if y is not None else 0 for y in ys], width, label=model)
+            ms = [cells[r].get(model) or {} for r in dim_rows]
+            ys = [m.get("value") for m in ms]
+            # the 95% interval as an error bar, where one was computed
+            err = [[(y - m["ci"][0]) if y is not None and m.get("ci") else 0 for y, m in zip(ys, ms)],
+                   [(m["ci"][1] - y) if y is not None and m.get("ci") else 0 for y, m in zip(ys, ms)]]
+            bars = ax.bar(xs, [y if y is not None else 0 for y in ys], width, label=model, yerr=err, capsize=2,
+                          error_kw={"elinewidth": 0.8})
             for b, y in zip(bars, ys):
                 ax.annotate("–" if y is None else f"{y:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()),
                             ha="center", va="bottom", fontsize=7)
@@ -149,7 +157,7 @@ def html_report(runs, rows, cells, pngs: list[Path], failed: dict[str, str] | No
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
 th{{background:#f4f4f4}}figure{{display:inline-block;margin:1em}}</style></head>
 <body><h1>evalkit comparison</h1>
-<p>Models: {", ".join(html.escape(m) for m in models)}. Values: evalkit's (TrustLLM code's, where it differs) [answers without a valid verdict].</p>
+<p>Models: {", ".join(html.escape(m) for m in models)}. Values: evalkit's, with its 95% interval where one is computed (CI low–high; Wilson for proportions; error bars in the charts), (TrustLLM code's, where it differs) [answers without a valid verdict].</p>
 {imgs}
 <table><tr><th>dimension</th><th>subtask</th><th>metric</th><th>judge</th>{head}</tr>
 {"".join(body)}

@@ -30,7 +30,14 @@ async def run_stages(cfg, stages: tuple[str, ...]) -> int:
     from .pipeline import RunContext, check_judges, discover_model, generate, judge, load_manifest, model_slug, score
     from .tasks import select
 
+    from . import gates
+
     tasks = select(cfg.dimensions, cfg.subtasks)
+    checks = [gates.parse_gate(g, [t.name for t in tasks]) for g in cfg.fail_if]
+    if checks and "judge" not in stages:
+        from .config import ConfigError
+
+        raise ConfigError("--fail-if checks scores: use it with `evalkit run` or `evaluate`, not `generate`")
     if "judge" in stages:  # every judge option is checked before the first answer is asked for
         await check_judges(cfg, tasks)
     if "generate" in stages:
@@ -63,6 +70,11 @@ async def run_stages(cfg, stages: tuple[str, ...]) -> int:
         results = score(ctx)
         _print_results(results, [t.name for t in tasks])
         print(f"evalkit: results in {run_dir / 'results.json'}", file=sys.stderr)
+        failed = gates.check(checks, results)
+        for line in failed:
+            print(f"evalkit: {line}", file=sys.stderr)
+        if failed:
+            return 4  # cli.EXIT_GATE
     else:
         print(f"evalkit: responses in {run_dir / 'responses'}; judge and score them with `evalkit evaluate`", file=sys.stderr)
     return 0
