@@ -44,6 +44,30 @@ def wilson_interval(positives: int, n: int, confidence: float = 0.95) -> tuple[f
     return float(ci.low), float(ci.high)
 
 
+def bootstrap_mean_interval(values: Sequence[float], clusters: Sequence[Hashable] | None = None, confidence: float = 0.95,
+                            n_resamples: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean of `values`, resampling clusters (records that
+    share a cluster, such as the two turns of one MT-Bench question, are drawn together; each
+    value its own cluster when none are given). Seeded: the same input gives the same interval.
+    scipy.stats.bootstrap resamples single observations only, hence these few lines."""
+    import numpy as np
+
+    if not values:
+        return None
+    keys = list(range(len(values))) if clusters is None else list(clusters)
+    if len(keys) != len(values):
+        raise ValueError("values and clusters differ in length")
+    index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    sums, counts = np.zeros(len(index)), np.zeros(len(index))
+    np.add.at(sums, [index[k] for k in keys], np.asarray(values, dtype=float))
+    np.add.at(counts, [index[k] for k in keys], 1.0)
+    draws = np.random.default_rng(seed).integers(0, len(index), size=(n_resamples, len(index)))
+    means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
 def complement(r: Rate) -> Rate:
     """1 - rate, over the same valid items (e.g. TrustLLM's exaggerated-safety 1 - RtA)."""
     return Rate(None if r.value is None else 1.0 - r.value, r.n_valid - r.positives, r.n, r.n_invalid)
@@ -403,6 +427,16 @@ class Metric(BaseModel):
     def as_result(self) -> dict:
         """results.json form: `value` always present (null when nothing was valid); optional fields only when set."""
         return self.model_dump(exclude={k for k in ("trustllm_value", "ci", "ci_method", "details") if getattr(self, k) is None})
+
+    @classmethod
+    def from_mean(cls, name: str, values: Sequence[float], direction: str, judge: str, n: int,
+                  clusters: Sequence[Hashable] | None = None, **kw: object) -> "Metric":
+        """The mean of the valid values (n rows in all), with its bootstrap interval."""
+        ci = bootstrap_mean_interval(values, clusters)
+        return cls(name=name, value=sum(values) / len(values) if values else None, direction=direction, judge=judge, n=n,
+                   n_invalid=n - len(values),
+                   **({"ci": [round(ci[0], 6), round(ci[1], 6)], "ci_method": "bootstrap" + ("-clustered" if clusters else "")}
+                      if ci else {}), **kw)
 
     @classmethod
     def from_rate(cls, name: str, r: Rate, direction: str, judge: str, **kw: object) -> "Metric":

@@ -77,3 +77,35 @@ def test_fail_if_gates_a_run_and_a_comparison(mock_server, data_root, tmp_path):
     p = run_cli("compare", str(tmp_path / "runs" / "mock-model"), "--output", str(tmp_path / "report"), "--fail-if", "advbench.asr > 0.1")
     assert p.returncode == 4 and "mock-model: gate 'advbench.asr > 0.1' failed" in p.stderr
     assert "CI 0.722–1.000" in (tmp_path / "report" / "comparison.md").read_text()
+
+
+def test_bootstrap_interval_of_a_mean_by_direct_computation():
+    import numpy as np
+
+    from evalkit.metrics import bootstrap_mean_interval
+
+    assert bootstrap_mean_interval([3.0] * 7) == (3.0, 3.0)  # no spread, no width
+    assert bootstrap_mean_interval([]) is None
+    rng = np.random.default_rng(1)
+    x = rng.normal(5.0, 2.0, 800).tolist()
+    lo, hi = bootstrap_mean_interval(x)
+    m, se = float(np.mean(x)), float(np.std(x, ddof=1) / np.sqrt(len(x)))
+    # against the normal interval computed directly: the same within a few percent of its width
+    assert lo == pytest.approx(m - 1.96 * se, abs=0.08 * se) and hi == pytest.approx(m + 1.96 * se, abs=0.08 * se)
+    assert bootstrap_mean_interval(x) == (lo, hi)  # seeded
+    # two identical records per cluster (two turns that always agree) carry one record's information:
+    # resampling the clusters gives exactly the interval of the de-duplicated values
+    small = [4.0, 7.0, 2.0, 9.0, 5.0, 6.0]
+    twice = [v for v in small for _ in range(2)]
+    clusters = [i for i in range(len(small)) for _ in range(2)]
+    assert bootstrap_mean_interval(twice, clusters) == pytest.approx(bootstrap_mean_interval(small), abs=1e-12)
+    naive = bootstrap_mean_interval(twice)  # as if independent: too narrow
+    assert naive[1] - naive[0] < bootstrap_mean_interval(twice, clusters)[1] - bootstrap_mean_interval(twice, clusters)[0]
+
+
+def test_mean_metrics_carry_a_bootstrap_interval():
+    m = Metric.from_mean("harmfulness_score", [1.0, 2.0, 5.0], "lower_is_better", "llm:j", n=4)
+    assert m.value == pytest.approx(8 / 3) and m.n_invalid == 1 and m.ci_method == "bootstrap"
+    assert 1.0 <= m.ci[0] < m.value < m.ci[1] <= 5.0
+    c = Metric.from_mean("score", [6.0, 6.0, 8.0, 8.0], "higher_is_better", "llm:j", n=4, clusters=["q1", "q1", "q2", "q2"])
+    assert c.ci_method == "bootstrap-clustered" and c.ci == [6.0, 8.0]

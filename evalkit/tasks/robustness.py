@@ -173,8 +173,8 @@ class AdversarialInstruction(Task):
         # ours: each perturbed instruction's answer against the answer to its own original instruction
         sims = [None if v is None or originals.get(i) is None else cosine(v, originals[i]) for i, kind, v in vectors if kind != "original"]
         valid = [s for s in sims if s is not None]
-        m = Metric(name="similarity", value=sum(valid) / len(valid) if valid else None, direction=self.direction, judge=judge,
-                   n=len(rows), n_invalid=len(sims) - len(valid))
+        m = Metric.from_mean("similarity", valid, self.direction, judge, len(rows))
+        m.n_invalid = len(sims) - len(valid)
         # TrustLLM: a dict keyed by instruction id keeps one answer per id (the last one it embedded;
         # file order here), then compares id i with id i + 1 for even i: two different instructions
         last = {i: v for i, _, v in vectors if v is not None}

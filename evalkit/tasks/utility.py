@@ -130,6 +130,7 @@ class MTBench(Task):
         metrics = []
         for name, part, n_extra in (("score", rows, missing_second), ("score_turn1", by_turn[1], 0), ("score_turn2", by_turn[2], missing_second)):
             scores = [r.judgment.score for r in part if r.label is not None]
+            questions = [r.response.item["question_id"] for r in part if r.label is not None]  # a question's turns go together
             details = None
             if name == "score":
                 for r in part:
@@ -137,8 +138,8 @@ class MTBench(Task):
                         per_category.setdefault(r.response.item["category"], []).append(r.judgment.score)
                 details = {"per_category": {c: mean(v) for c, v in sorted(per_category.items())},
                            "n_turn2_not_generated": missing_second}
-            metrics.append(Metric(name=name, value=mean(scores), direction=self.direction, judge=judge,
-                                  n=len(part) + n_extra, n_invalid=len(part) + n_extra - len(scores), details=details))
+            metrics.append(Metric.from_mean(name, scores, self.direction, judge, len(part) + n_extra,
+                                            clusters=questions if name == "score" else None, details=details))
         return metrics
 
 
