@@ -40,7 +40,6 @@ from . import recipe as recipes
 from .loading import QUANTS, Loaded, LoadError, load, model_spec
 from .spec import HF_FIELDS, add_arguments, from_namespace
 
-BODY_READ_TIMEOUT = 30.0  # seconds a request body may take to arrive
 
 
 class APIError(Exception):
@@ -312,6 +311,7 @@ class Server:
         if args.api_key_env and not self.api_key:
             raise SystemExit(f"--api-key-env {args.api_key_env}: that variable is empty; export it or drop the option")
         self.default_max_tokens = args.default_max_tokens
+        self.read_timeout = args.read_timeout
         cfg = loaded.model.config
         self.max_model_len = args.max_model_len or getattr(cfg, "max_position_embeddings", None) or 2048
         tok = loaded.tokenizer
@@ -365,9 +365,9 @@ class Server:
 
     async def _body(self, request: web.Request) -> dict:
         try:  # a client that sends its body slowly (slowloris) is cut off instead of holding a slot
-            raw = await asyncio.wait_for(request.read(), BODY_READ_TIMEOUT)
+            raw = await asyncio.wait_for(request.read(), self.read_timeout)
         except asyncio.TimeoutError:
-            raise APIError(408, f"the request body did not arrive within {BODY_READ_TIMEOUT:.0f} s") from None
+            raise APIError(408, f"the request body did not arrive within {self.read_timeout:g} s") from None
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
@@ -604,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["generate", "embed"], default="generate")
     add_arguments(p, HF_FIELDS)  # the model options, declared once in servers/spec.py
     p.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a client may take to send a request's headers or body, or stay idle, before it is cut off [30]")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long an idle server waits for more requests to batch")
     p.add_argument("--api-key-env", help="require the key held in this environment variable (Bearer)")
@@ -625,7 +627,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"hf_server: warning: {args.model} has no chat template; /v1/chat/completions will answer 400 "
               f"until the server is started with --chat-template FILE", file=sys.stderr)
     print(f"hf_server: serving {server.name} ({args.quant}, {loaded.device}) on http://{args.host}:{args.port}/v1", flush=True)
-    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None)
+    # keepalive_timeout: aiohttp closes a connection that has not sent a whole request by then,
+    # which is the header timeout against slowloris (the body one is in Server._body)
+    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None, keepalive_timeout=args.read_timeout)
 
 
 if __name__ == "__main__":

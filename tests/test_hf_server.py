@@ -281,7 +281,7 @@ def test_chat_template_file_and_api_key(models, tmp_path):
     tpl = tmp_path / "chat.jinja"
     tpl.write_text(CHAT_TEMPLATE)
     s = HFServer(models["plain"], "--served-model-name", "plain", "--chat-template", str(tpl), "--api-key-env", "TINY_KEY",
-                 env={"TINY_KEY": "k-123"})
+                 "--read-timeout", "1.5", env={"TINY_KEY": "k-123"})
     try:
         with pytest.raises(openai.AuthenticationError):
             client(s, "wrong").chat.completions.create(model="plain", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
@@ -298,6 +298,18 @@ def test_chat_template_file_and_api_key(models, tmp_path):
         from servers.process import ready
 
         assert ready(s.url) and ready(s.url, "k-123")  # up, whether or not the checker knows the key
+        # slow clients (slowloris) are cut off after --read-timeout: half a header, then a short body
+        import socket
+
+        port = int(s.url.split(":")[2].split("/")[0])
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            assert sock.recv(1024) == b""  # closed by the server, no request ever completed
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k-123\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+        assert client(s, "k-123").models.list().data[0].id == "plain"  # and it keeps serving
     finally:
         s.stop()
 
