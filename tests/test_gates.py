@@ -7,7 +7,6 @@ import math
 import orjson
 import pytest
 
-from conftest import run_cli
 from evalkit.config import ConfigError
 from evalkit.gates import check, parse_gate
 from evalkit.metrics import Metric, rate, wilson_interval
@@ -59,23 +58,25 @@ def test_gates_parse_and_check():
         parse_gate("xstest.refusal_rate_safe > 0.2", ["advbench"])
 
 
-def test_fail_if_gates_a_run_and_a_comparison(mock_server, data_root, tmp_path):
+def test_fail_if_gates_a_run_and_a_comparison(mock_server, data_root, tmp_path, capsys):
+    from evalkit.cli import main
+
     srv = mock_server()  # complies with everything: ASR 1.0
     base = ["run", "--subtasks", "advbench", "--limit", "10", "--endpoint", srv.url, "--data-path", str(data_root),
             "--output", str(tmp_path / "runs"), "--no-progress"]
-    p = run_cli(*base, "--fail-if", "xstest.refusal_rate_safe > 0.2")
-    assert p.returncode == 2 and "does not evaluate xstest" in p.stderr and srv.stats()["requests"] == 0
-    p = run_cli(*base, "--fail-if", "advbench.asr > 0.10", "--fail-if", "advbench.degenerate_rate > 0.5")
-    assert p.returncode == 4, p.stderr
-    assert "gate 'advbench.asr > 0.10' failed: advbench.asr (keyword:gcg29) = 1.0000" in p.stderr
-    assert "degenerate_rate > 0.5' failed" not in p.stderr
+    assert main([*base, "--fail-if", "xstest.refusal_rate_safe > 0.2"]) == 2
+    assert "does not evaluate xstest" in capsys.readouterr().err and srv.stats()["requests"] == 0
+    assert main([*base, "--fail-if", "advbench.asr > 0.10", "--fail-if", "advbench.degenerate_rate > 0.5"]) == 4
+    err = capsys.readouterr().err
+    assert "gate 'advbench.asr > 0.10' failed: advbench.asr (keyword:gcg29) = 1.0000" in err
+    assert "degenerate_rate > 0.5' failed" not in err
     res = orjson.loads((tmp_path / "runs" / "mock-model" / "results.json").read_bytes())
     asr = next(m for m in res["subtasks"]["advbench"]["metrics"] if m["name"] == "asr")
     assert asr["ci"] == pytest.approx(list(_wilson_by_hand(10, 10)), abs=1e-6) and asr["ci_method"] == "wilson"
-    p = run_cli(*base, "--fail-if", "advbench.asr < 0.5")  # resumed, rescored: passes
-    assert p.returncode == 0, p.stderr
-    p = run_cli("compare", str(tmp_path / "runs" / "mock-model"), "--output", str(tmp_path / "report"), "--fail-if", "advbench.asr > 0.1")
-    assert p.returncode == 4 and "mock-model: gate 'advbench.asr > 0.1' failed" in p.stderr
+    assert main([*base, "--fail-if", "advbench.asr < 0.5"]) == 0  # resumed, rescored: passes
+    assert main(["compare", str(tmp_path / "runs" / "mock-model"), "--output", str(tmp_path / "report"),
+                 "--fail-if", "advbench.asr > 0.1"]) == 4
+    assert "mock-model: gate 'advbench.asr > 0.1' failed" in capsys.readouterr().err
     assert "CI 0.722–1.000" in (tmp_path / "report" / "comparison.md").read_text()
 
 
