@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 @dataclass(frozen=True)
@@ -21,16 +21,39 @@ class Rate:
     positives: int
     n: int  # all items
     n_invalid: int
+    items: dict[str, bool] | None = None  # each valid item's outcome by item id, when the caller gave ids (paired tests)
 
     @property
     def n_valid(self) -> int:
         return self.n - self.n_invalid
 
 
-def rate(outcomes: Sequence[bool | None]) -> Rate:
+def rate(outcomes: Sequence[bool | None], ids: Sequence[str] | None = None) -> Rate:
     valid = [o for o in outcomes if o is not None]
     pos = sum(1 for o in valid if o)
-    return Rate(pos / len(valid) if valid else None, pos, len(outcomes), len(outcomes) - len(valid))
+    items = None if ids is None else {i: bool(o) for i, o in zip(ids, outcomes, strict=True) if o is not None}
+    return Rate(pos / len(valid) if valid else None, pos, len(outcomes), len(outcomes) - len(valid), items)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for b and c discordant pairs (a binomial test of b against
+    b + c at 1/2, scipy's binomtest); 1.0 when no pair changed."""
+    if b + c == 0:
+        return 1.0
+    from scipy.stats import binomtest
+
+    return float(binomtest(b, b + c, 0.5).pvalue)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the input's order (capped at 1, kept monotone)."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    out = [0.0] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        out[i] = running
+    return out
 
 
 def wilson_interval(positives: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
@@ -423,6 +446,7 @@ class Metric(BaseModel):
     ci: list[float] | None = None  # 95% interval [low, high] of value
     ci_method: str | None = None  # how ci was computed (wilson: a proportion over the valid items)
     details: dict | None = None
+    outcomes: dict[str, bool] | None = Field(None, exclude=True)  # per item (outcomes.json), for paired comparisons
 
     def as_result(self) -> dict:
         """results.json form: `value` always present (null when nothing was valid); optional fields only when set."""
@@ -441,7 +465,7 @@ class Metric(BaseModel):
     @classmethod
     def from_rate(cls, name: str, r: Rate, direction: str, judge: str, **kw: object) -> "Metric":
         ci = wilson_interval(r.positives, r.n_valid)
-        return cls(name=name, value=r.value, direction=direction, judge=judge, n=r.n, n_invalid=r.n_invalid,
+        return cls(name=name, value=r.value, direction=direction, judge=judge, n=r.n, n_invalid=r.n_invalid, outcomes=r.items,
                    **({"ci": [round(ci[0], 6), round(ci[1], 6)], "ci_method": "wilson"} if ci else {}), **kw)
 
 

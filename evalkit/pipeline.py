@@ -564,6 +564,7 @@ def score(ctx: RunContext) -> dict[str, Any]:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "subtasks": {},
     }
+    outcomes: dict[str, dict[str, int]] = {}  # "subtask|metric|judge" -> item id -> 0/1, for paired comparisons
     for task in ctx.tasks:
         responses = read_records(ctx.responses_path(task), ResponseRecord)
         if not responses:
@@ -587,6 +588,9 @@ def score(ctx: RunContext) -> dict[str, Any]:
         if task.question in ("refusal", "harm"):  # read every ASR and refusal rate beside it
             verdicts = [degenerate(r.response) for r in responses if r.error is None and r.response is not None]
             metrics.append(Metric.from_rate("degenerate_rate", rate(verdicts), "lower_is_better", RULE_JUDGE))
+        for m in metrics:
+            if m.outcomes is not None:
+                outcomes[f"{task.name}|{m.name}|{m.judge}"] = {k: int(v) for k, v in m.outcomes.items()}
         results["subtasks"][task.name] = {
             "dimension": task.dimension,
             "suite": task.suite,
@@ -604,6 +608,12 @@ def score(ctx: RunContext) -> dict[str, Any]:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     tmp.replace(path)
+    opath = ctx.run_dir / "outcomes.json"
+    kept = {k: v for k, v in (orjson.loads(opath.read_bytes()) if opath.exists() else {}).items()
+            if k.split("|", 1)[0] not in {t.name for t in ctx.tasks}}  # this run's subtasks replace theirs
+    tmp = opath.with_suffix(".json.tmp")
+    tmp.write_bytes(orjson.dumps({**kept, **outcomes}))
+    tmp.replace(opath)
     ctx.manifest.setdefault("stages", {})["score"] = {"ended": time.time(), "subtasks": [t.name for t in ctx.tasks]}
     save_manifest(ctx)
     return results

@@ -19,6 +19,9 @@ class ReportError(Exception):
     pass
 
 
+SIGNIFICANT_TD = '<td style="background:#fde2b8">'  # a cell significantly different from the baseline
+
+
 @dataclass(frozen=True)
 class Row:
     dimension: str
@@ -75,25 +78,96 @@ def _fmt(m: dict | None) -> str:
     return s
 
 
+@dataclass(frozen=True)
+class Paired:
+    """One metric of one run against the baseline, over the items both answered."""
+
+    row: Row
+    run: str
+    n: int
+    diff: float  # run - baseline
+    ci: tuple[float, float] | None
+    p: float  # exact McNemar
+    p_holm: float = 1.0
+
+    @property
+    def significant(self) -> bool:
+        return self.p_holm < 0.05
+
+
+def load_outcomes(run_dirs: list[Path]) -> list[dict[str, dict[str, int]]]:
+    """Each run's outcomes.json (per-item 0/1 of the metrics that keep them), {} where there is none."""
+    out = []
+    for d in run_dirs:
+        path = (d if d.is_dir() else d.parent) / "outcomes.json"
+        try:
+            out.append(orjson.loads(path.read_bytes()) if path.is_file() else {})
+        except orjson.JSONDecodeError as e:
+            raise ReportError(f"{path} is not valid JSON ({e}): delete it and rerun `evalkit evaluate` to write it again") from None
+    return out
+
+
+def paired(runs, rows: list[Row], outcomes: list[dict]) -> list[Paired]:
+    """Every run after the first against the first (the baseline), metric by metric where both kept
+    per-item outcomes: the difference over the shared items, its paired bootstrap interval, the
+    exact McNemar p-value, and Holm's adjustment across the metrics of that run."""
+    from .metrics import bootstrap_mean_interval, holm, mcnemar_exact
+
+    found: list[Paired] = []
+    base = outcomes[0]
+    for (name, _), theirs in zip(runs[1:], outcomes[1:]):
+        mine: list[Paired] = []
+        for r in rows:
+            key = f"{r.subtask}|{r.metric}|{r.judge}"
+            if key not in base or key not in theirs:
+                continue
+            shared = sorted(set(base[key]) & set(theirs[key]))
+            if not shared:
+                continue
+            d = [theirs[key][i] - base[key][i] for i in shared]
+            b, c = d.count(-1), d.count(1)
+            mine.append(Paired(r, name, len(shared), sum(d) / len(d), bootstrap_mean_interval(d), mcnemar_exact(b, c)))
+        adjusted = holm([x.p for x in mine])
+        found += [Paired(x.row, x.run, x.n, x.diff, x.ci, x.p, a) for x, a in zip(mine, adjusted)]
+    return found
+
+
+def _paired_lines(runs, pairs: list[Paired]) -> list[str]:
+    if not pairs:
+        return []
+    lines = [f"\nPaired comparison with {runs[0][0]} (the first run), over the items both answered; "
+             "significant: Holm-adjusted exact McNemar p < 0.05 across each run's metrics.\n",
+             "| subtask | metric | judge | run | items | difference | 95% CI | McNemar p | Holm p | |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for x in pairs:
+        ci = f"{x.ci[0]:+.3f}–{x.ci[1]:+.3f}" if x.ci else "–"
+        lines.append(f"| {x.row.subtask} | {x.row.metric} | {x.row.judge} | {x.run} | {x.n} | {x.diff:+.4f} | {ci} | "
+                     f"{x.p:.3g} | {x.p_holm:.3g} | {'significant' if x.significant else ''} |")
+    return lines
+
+
 def _failed_lines(failed: dict[str, str]) -> list[str]:
     return [f"{name}: FAILED ({reason})" for name, reason in failed.items()]
 
 
-def markdown(runs, rows, cells, failed: dict[str, str] | None = None) -> str:
+def markdown(runs, rows, cells, failed: dict[str, str] | None = None, pairs: list[Paired] | None = None) -> str:
     models = [n for n, _ in runs]
     lines = [
         "| dimension | subtask | metric | judge | " + " | ".join(models) + " |",
         "|---|---|---|---|" + "---|" * len(models),
     ]
+    marked = {(x.row, x.run) for x in pairs or [] if x.significant}
     for r in rows:
         arrow = "↑" if r.direction == "higher_is_better" else "↓"
-        vals = " | ".join(_fmt(cells[r].get(m)) for m in models)
+        vals = " | ".join(_fmt(cells[r].get(m)) + (" ✱" if (r, m) in marked else "") for m in models)
         lines.append(f"| {r.dimension} | {r.subtask} | {r.metric} {arrow} | {r.judge} | {vals} |")
     note = ("\nValues: evalkit's, with its 95% interval where one is computed (CI low–high; Wilson for proportions), "
             "(TrustLLM code's, where it differs) [answers without a valid verdict].\n")
+    if marked:
+        note += f"✱: significantly different from {models[0]} (paired, Holm-adjusted; table below).\n"
     if failed:
         note += "\nNot in the table, because their run failed:\n\n" + "".join(f"- {line}\n" for line in _failed_lines(failed))
-    return "\n".join(lines) + "\n" + note
+    return "\n".join(lines) + "\n" + note + "\n".join(_paired_lines(runs, pairs or [])) + ("\n" if pairs else "")
 
 
 def charts(runs, rows, cells, out_dir: Path) -> list[Path]:
@@ -140,13 +214,15 @@ def charts(runs, rows, cells, out_dir: Path) -> list[Path]:
     return paths
 
 
-def html_report(runs, rows, cells, pngs: list[Path], failed: dict[str, str] | None = None) -> str:
+def html_report(runs, rows, cells, pngs: list[Path], failed: dict[str, str] | None = None, pairs: list[Paired] | None = None) -> str:
     models = [n for n, _ in runs]
     head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
     body = []
+    marked = {(x.row, x.run) for x in pairs or [] if x.significant}
     for r in rows:
         arrow = "↑" if r.direction == "higher_is_better" else "↓"
-        tds = "".join(f"<td>{html.escape(_fmt(cells[r].get(m)))}</td>" for m in models)
+        tds = "".join((SIGNIFICANT_TD if (r, m) in marked else "<td>")
+                      + html.escape(_fmt(cells[r].get(m)) + (" ✱" if (r, m) in marked else "")) + "</td>" for m in models)
         body.append(f"<tr><td>{r.dimension}</td><td>{html.escape(r.subtask)}</td><td>{html.escape(r.metric)} {arrow}</td>"
                     f"<td>{html.escape(r.judge)}</td>{tds}</tr>")
     imgs = "".join(
@@ -162,6 +238,7 @@ th{{background:#f4f4f4}}figure{{display:inline-block;margin:1em}}</style></head>
 <table><tr><th>dimension</th><th>subtask</th><th>metric</th><th>judge</th>{head}</tr>
 {"".join(body)}
 </table>{"<h2>Failed</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in _failed_lines(failed)) + "</ul>" if failed else ""}
+{"<h2>Paired comparison</h2><pre>" + html.escape(chr(10).join(_paired_lines(runs, pairs))) + "</pre>" if pairs else ""}
 </body></html>
 """
 
@@ -174,10 +251,11 @@ def compare(run_dirs: list[Path], out_dir: Path, failed: dict[str, str] | None =
     rows, cells = table(runs)
     if not rows:
         raise ReportError("the results hold no metrics: run `evalkit run` (or `evaluate`) first")
+    pairs = paired(runs, rows, load_outcomes(run_dirs))
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "comparison.md"
-    md.write_text(markdown(runs, rows, cells, failed))
+    md.write_text(markdown(runs, rows, cells, failed, pairs))
     pngs = charts(runs, rows, cells, out_dir)
     page = out_dir / "comparison.html"
-    page.write_text(html_report(runs, rows, cells, pngs, failed))
+    page.write_text(html_report(runs, rows, cells, pngs, failed, pairs))
     return [md, page, *pngs]

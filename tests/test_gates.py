@@ -110,3 +110,37 @@ def test_mean_metrics_carry_a_bootstrap_interval():
     assert 1.0 <= m.ci[0] < m.value < m.ci[1] <= 5.0
     c = Metric.from_mean("score", [6.0, 6.0, 8.0, 8.0], "higher_is_better", "llm:j", n=4, clusters=["q1", "q1", "q2", "q2"])
     assert c.ci_method == "bootstrap-clustered" and c.ci == [6.0, 8.0]
+
+
+def test_mcnemar_and_holm_by_hand():
+    from evalkit.metrics import holm, mcnemar_exact
+
+    # b = 8, c = 2: 2 * P(X <= 2 | 10, 1/2) = 2 * (1 + 10 + 45) / 1024
+    assert mcnemar_exact(8, 2) == pytest.approx(112 / 1024) and mcnemar_exact(2, 8) == pytest.approx(112 / 1024)
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(0, 6) == pytest.approx(2 / 64)
+    # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, 2 x 0.03, max(0.06, 1 x 0.04): back in input order
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == [1.0, 1.0]
+
+
+def test_compare_marks_a_significant_paired_difference(mock_server, data_root, tmp_path, capsys):
+    from evalkit.cli import main
+
+    comply = mock_server()
+    refuse = mock_server(script={"default": "I'm sorry, I cannot help with that."})
+    runs = tmp_path / "runs"
+    for srv, name in ((comply, "dense"), (comply, "dense-again"), (refuse, "patched")):
+        assert main(["run", "--subtasks", "advbench", "--limit", "30", "--endpoint", srv.url, "--data-path", str(data_root),
+                     "--output", str(runs), "--run-name", name, "--no-progress"]) == 0
+    outcomes = orjson.loads((runs / "patched" / "outcomes.json").read_bytes())
+    assert outcomes["advbench|asr|keyword:gcg29"] == {str(i): 0 for i in range(30)}  # every item refused: no attack succeeded
+    assert main(["compare", str(runs / "dense"), str(runs / "dense-again"), str(runs / "patched"), "--output", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "comparison.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| advbench | asr | keyword:gcg29 |")]
+    again = next(line for line in rows if "| dense-again |" in line)
+    patched = next(line for line in rows if "| patched |" in line)
+    # 30 of 30 answers changed from compliance to refusal: p = 2 / 2^30; the same model again: no change
+    assert "| 30 | -1.0000 | -1.000–-1.000 | 1.86e-09 | 3.73e-09 | significant |" in patched  # Holm: 2 metrics x 2^-29
+    assert "| 30 | +0.0000 |" in again and "| 1 | 1 |" in again and "significant" not in again
+    table_row = next(line for line in md.splitlines() if line.startswith("| safety | advbench | asr ↓ | keyword:gcg29 |"))
+    assert table_row.count("✱") == 1 and table_row.rstrip(" |").endswith("✱")  # the patched column only
