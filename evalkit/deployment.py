@@ -14,10 +14,11 @@ checkpoint or provider sets the old answers aside.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from .config import ConfigError, redact_url
+from .engine import FatalAuthError, RequestFailure
 
 CHECKPOINT_FIELDS = ("root", "parent", "source", "recipe")
 
@@ -50,12 +51,26 @@ def identity(model: str, cards: dict[str, dict[str, Any] | None], name: str | No
     return {"model": model, "hosts": hosts(list(cards))}
 
 
+def vetter(deployment: dict[str, Any]) -> Callable[[dict[str, Any] | None], str | None] | None:
+    """For Engine.vet_card: why a replica joining mid-run is refused (it serves another checkpoint,
+    or names none), or None to admit it. Only a deployment known by its checkpoint can tell."""
+    ours = deployment.get("checkpoint")
+    if not ours:
+        return None
+
+    def vet(card: dict[str, Any] | None) -> str | None:
+        if card is None:
+            return f"it does not list the model under GET /models, so it cannot show it serves this run's {ours}"
+        theirs = checkpoint(card)
+        return None if theirs == ours else f"it serves {theirs or 'no named checkpoint'}, not this run's {ours}"
+
+    return vet
+
+
 async def identify(engine: Any, model: str, name: str | None = None, wait: float = 0.0) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(deployment identity, the model's card from the first replica that lists it) from every
     replica's GET /models (5 s each, after up to `wait` seconds for a server to come up). A replica
     that answers without a usable list has no say; when none can be reached the run cannot start."""
-    from .engine import FatalAuthError, RequestFailure
-
     urls = [r.base_url for r in engine.replicas]
 
     async def card(url: str) -> dict[str, Any] | None | RequestFailure:

@@ -79,6 +79,12 @@ class FatalEndpointError(FatalRunError):
     """404: the endpoint does not serve this model, or the URL is not an API base."""
 
 
+def _v1_hint(base: str) -> str:
+    """' try <base>/v1' for a base URL without the /v1 OpenAI-compatible servers answer under, else ''."""
+    base = redact_url(base).rstrip("/")
+    return "" if base.endswith("/v1") else f" try {base}/v1"
+
+
 def classify_status(status: int) -> str:
     if status == 429:
         return "rate_limit"
@@ -322,7 +328,8 @@ class Engine:
         self._session: aiohttp.ClientSession | None = None
         self._rr = 0
         self.model: str | None = None
-        self.checkpoint: dict[str, Any] | None = None  # the deployment's, when it is known by one: joiners must match
+        # a replica joining mid-run is asked GET /models; this says why its card is refused (None: admitted)
+        self.vet_card: Callable[[dict[str, Any] | None], str | None] | None = None
         self._vetting: set[asyncio.Future] = set()
 
     async def __aenter__(self) -> "Engine":
@@ -363,7 +370,7 @@ class Engine:
             r.retired, r.down_until, r.streak = False, None, 0
             if log_changes:
                 self._event(r, "joined")
-                if self.checkpoint is not None:
+                if self.vet_card is not None:
                     r.vetting = True
                     task = asyncio.ensure_future(self._vet(r))
                     self._vetting.add(task)
@@ -378,21 +385,18 @@ class Engine:
         self.stats.replicas = self.replicas
 
     async def _vet(self, replica: Replica) -> None:
-        """A replica that joined mid-run serves the run's checkpoint, or it is turned away: its
-        answers would be filed under another deployment's keys."""
-        from .deployment import checkpoint
-
+        """A replica that joined mid-run must serve what the run's answers are keyed on, or it is
+        turned away (see deployment.vetter)."""
         try:
             cards = await self.model_cards(timeout=5.0, base=replica.base_url)
             card = next((c for c in cards if c.get("id") == self.model), None)
-            theirs = checkpoint(card) if card is not None else None
-        except (RequestFailure, FatalAuthError, ValueError) as e:
-            theirs, card = None, {"error": str(e)}
+        except (RequestFailure, FatalAuthError, ValueError):
+            card = None
         replica.vetting = False
-        if theirs != self.checkpoint:
+        assert self.vet_card is not None
+        if (why := self.vet_card(card)) is not None:
             replica.retired = replica.refused = True
-            what = "does not answer GET /models" if card is None or "error" in (card or {}) else f"serves {theirs or 'no named checkpoint'}"
-            self._event(replica, "refused", f"it {what}, not this run's {self.checkpoint}")
+            self._event(replica, "refused", why)
 
     def _reread_endpoints(self) -> None:
         path = self._endpoints_file
@@ -484,8 +488,7 @@ class Engine:
                     if resp.status in (401, 403):
                         raise FatalAuthError(self._auth_message(base, resp.status))
                     if resp.status != 200:
-                        hint = (f" (is /v1 missing? try {redact_url(base)}/v1)"
-                                if resp.status == 404 and not base.rstrip("/").endswith("/v1") else "")
+                        hint = f" (is /v1 missing?{_v1_hint(base)})" if resp.status == 404 and _v1_hint(base) else ""
                         raise RequestFailure("bad_request", f"GET {redact_url(base)}/models answered {resp.status}{hint}", resp.status)
                     data = orjson.loads(await resp.read())
                     return [m for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
@@ -509,7 +512,7 @@ class Engine:
         except RequestFailure as listing:
             if listing.status == 404:
                 base = self.replicas[0].public
-                hint = "" if base.rstrip("/").endswith("/v1") else f" (try {base.rstrip('/')}/v1)"
+                hint = f" ({_v1_hint(base).strip()})" if _v1_hint(base) else ""
                 return f"{head}, and GET {base}/models is missing too: the URL is not an OpenAI API base{hint}"
             return f"{head}: check --model and the endpoint URL"
         except (FatalAuthError, ValueError):

@@ -25,7 +25,7 @@ import orjson
 from .config import ConfigError, RunConfig, key_source, redact_url, resolve_api_key
 from .data import DataError, Item, dataset_file, resolve_data_root
 from .datasets import sha256_file
-from .deployment import hosts, identify
+from .deployment import hosts, identify, vetter
 from .engine import Engine, FatalAuthError, Request, RequestFailure, Result
 from .judges import HARM_ONLY_JUDGES, JUDGES, QUESTIONS, TOXICITY_JUDGES, JudgeError, Verdict, check_judge_names
 from .metrics import Metric, degenerate, rate
@@ -199,7 +199,7 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
         if api not in engines:
             eng = engines[api] = await stack.enter_async_context(model_engine(cfg, api))
             eng.model = ctx.model
-            eng.checkpoint = deployment.get("checkpoint")  # a replica joining mid-run must serve it
+            eng.vet_card = vetter(deployment)  # a replica joining mid-run must serve what the keys say
         return engines[api]
 
     # the data first: a broken file stops the run before any connection is made
@@ -210,7 +210,7 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
     try:
         deployment, card = await identify(await engine_for(cfg.api), ctx.model, cfg.deployment, cfg.wait)
         ctx.manifest["deployment"] = deployment
-        engines[cfg.api].checkpoint = deployment.get("checkpoint")
+        engines[cfg.api].vet_card = vetter(deployment)
         if card is not None:
             ctx.manifest["model_card"] = card
         for task, system, items in loaded:

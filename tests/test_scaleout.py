@@ -10,7 +10,7 @@ import pytest
 
 from conftest import read_jsonl, run_cli
 from evalkit.config import ConfigError, EngineConfig
-from evalkit.deployment import checkpoint, hosts, identity
+from evalkit.deployment import checkpoint, hosts, identity, vetter
 from evalkit.engine import Engine, Request, estimate_tokens
 
 
@@ -132,7 +132,8 @@ def test_the_endpoints_file_is_reread_during_the_run(mock_server, tmp_path):
     f = tmp_path / "endpoints.txt"
     f.write_text(f"# replicas\n{a.url}\n")
     eng = Engine(_cfg(concurrency=4), [], endpoints_file=f)
-    eng.checkpoint = {"root": "ckpt-1"}  # the run's deployment (pipeline.generate sets it from every replica's card)
+    # the run's deployment (pipeline.generate finds it from every replica's card)
+    eng.vet_card = vetter({"model": "mock-model", "checkpoint": {"root": "ckpt-1"}})
 
     def change(done: int) -> None:
         if done == 100:
