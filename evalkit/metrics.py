@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Any, Hashable, Sequence
 
 from pydantic import BaseModel, Field
 
@@ -433,6 +433,11 @@ def advglue_scores(items: Sequence[tuple[str, Hashable, str, bool | None]], drop
     return out
 
 
+def _interval(ci: tuple[float, float] | None, method: str) -> dict[str, Any]:
+    """Metric's ci and ci_method fields for an interval (none when there is no interval)."""
+    return {"ci": [round(ci[0], 6), round(ci[1], 6)], "ci_method": method} if ci else {}
+
+
 class Metric(BaseModel):
     """One number in results.json: what it is, which way is better, and who judged it."""
 
@@ -456,17 +461,14 @@ class Metric(BaseModel):
     def from_mean(cls, name: str, values: Sequence[float], direction: str, judge: str, n: int,
                   clusters: Sequence[Hashable] | None = None, **kw: object) -> "Metric":
         """The mean of the valid values (n rows in all), with its bootstrap interval."""
-        ci = bootstrap_mean_interval(values, clusters)
         return cls(name=name, value=sum(values) / len(values) if values else None, direction=direction, judge=judge, n=n,
-                   n_invalid=n - len(values),
-                   **({"ci": [round(ci[0], 6), round(ci[1], 6)], "ci_method": "bootstrap" + ("-clustered" if clusters else "")}
-                      if ci else {}), **kw)
+                   n_invalid=n - len(values), **_interval(bootstrap_mean_interval(values, clusters),
+                                                          "bootstrap-clustered" if clusters else "bootstrap"), **kw)
 
     @classmethod
     def from_rate(cls, name: str, r: Rate, direction: str, judge: str, **kw: object) -> "Metric":
-        ci = wilson_interval(r.positives, r.n_valid)
         return cls(name=name, value=r.value, direction=direction, judge=judge, n=r.n, n_invalid=r.n_invalid, outcomes=r.items,
-                   **({"ci": [round(ci[0], 6), round(ci[1], 6)], "ci_method": "wilson"} if ci else {}), **kw)
+                   **_interval(wilson_interval(r.positives, r.n_valid), "wilson"), **kw)
 
 
 # -- utility: MT-Bench and AlpacaEval --------------------------------------------------------

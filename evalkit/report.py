@@ -7,6 +7,7 @@ and one PNG bar chart per dimension (the Oak Ridge figures' shape: a group per m
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,8 +128,7 @@ def paired(runs, rows: list[Row], outcomes: list[dict]) -> list[Paired]:
             d = [theirs[key][i] - base[key][i] for i in shared]
             b, c = d.count(-1), d.count(1)
             mine.append(Paired(r, name, len(shared), sum(d) / len(d), bootstrap_mean_interval(d), mcnemar_exact(b, c)))
-        adjusted = holm([x.p for x in mine])
-        found += [Paired(x.row, x.run, x.n, x.diff, x.ci, x.p, a) for x, a in zip(mine, adjusted)]
+        found += [dataclasses.replace(x, p_holm=a) for x, a in zip(mine, holm([x.p for x in mine]))]
     return found
 
 
