@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<model>) or results.json files")
     cp.add_argument("--output", type=Path, default=Path("reports"), help="folder for the report [reports]")
     _gate_option(cp)
+    vp = sub.add_parser("view", help="one self-contained HTML page to read runs answer by answer, side by side")
+    vp.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<model>)")
+    vp.add_argument("--output", type=Path, default=Path("reports/view.html"), help="HTML file to write [reports/view.html]")
     xp = sub.add_parser("matrix", help="evaluate model variants (dense, quantized, pruned, hosted) one after another, then compare")
     xp.add_argument("file", type=Path, help="matrix TOML file (see examples/cpu_matrix.toml)")
     xp.add_argument("--only", help="comma list of variant names to run [all]")
@@ -203,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     from .records import RecordFileError
     from .report import ReportError
     from .tasks import TaskSelectionError
+    from .viewer import ViewError
 
     try:
         if args.command == "list":
@@ -223,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
             for line in failed:
                 print(f"evalkit: {line}", file=sys.stderr)
             return EXIT_GATE if failed else 0
+        if args.command == "view":
+            from .viewer import write_view
+
+            print(write_view(args.runs, args.output))
+            return 0
         if args.command == "matrix":
             from .matrix import run_matrix
 
@@ -235,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"evalkit: error: {e}", file=sys.stderr)
         return EXIT_FAILED
-    except (ConfigError, DataError, FetchError, JudgeError, RecordFileError, ReportError, RequestFailure, TaskSelectionError) as e:
+    except (ConfigError, DataError, FetchError, JudgeError, RecordFileError, ReportError, RequestFailure, TaskSelectionError, ViewError) as e:
         print(f"evalkit: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
