@@ -13,6 +13,7 @@ EXIT_FAILED = 1  # the run went through but produced nothing usable (every reque
 EXIT_USAGE = 2
 EXIT_AUTH = 3
 EXIT_GATE = 4  # a --fail-if gate failed
+EXIT_COST = 5  # stopped at --max-cost (everything answered is kept)
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
@@ -70,6 +71,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output", type=Path, help="runs folder; each model gets <output>/<model-slug>/ [runs]")
     g.add_argument("--run-name", help="run folder name under --output instead of the model id (e.g. dense, bnb4)")
     g.add_argument("--restart", action="store_true", default=None, help="discard earlier records instead of resuming")
+    g = p.add_argument_group("cost (prices per model: a [prices.\"MODEL\"] table in the --config file)")
+    g.add_argument("--max-cost", type=float, metavar="USD", help="stop cleanly before this invocation would spend more, "
+                   "generation and judging together (exit 5; rerun to resume) [no limit]")
     _gate_option(p)
 
 
@@ -83,7 +87,7 @@ CONFIG_FIELDS = (
     "endpoint endpoints_file deployment model api_key_env api wait dimensions subtasks data_path accept_modified_data limit max_tokens temperature top_p seed "
     "system_prompt judges judge_endpoint judge_model judge_api_key_env embed_endpoint embed_model embed_api_key_env "
     "classifier_model classifier_device toxicity_judges toxicity_model toxicity_label perspective_endpoint perspective_api_key_env "
-    "classifier_batch_size concurrency rps tpm max_attempts attempt_timeout max_request_time stream progress output run_name restart fail_if"
+    "classifier_batch_size concurrency rps tpm max_attempts attempt_timeout max_request_time stream progress output run_name restart fail_if max_cost"
 ).split()
 
 
@@ -198,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(args)
         return 0
     from .config import ConfigError
+    from .cost import CostLimitReached
     from .data import DataError
     from .datasets import FetchError
     from .engine import FatalAuthError, FatalRunError, RequestFailure
@@ -241,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     except FatalRunError as e:
         print(f"evalkit: stopped: {e}", file=sys.stderr)
         return EXIT_AUTH if isinstance(e, FatalAuthError) else EXIT_USAGE
+    except CostLimitReached as e:
+        print(f"evalkit: stopped: {e}", file=sys.stderr)
+        return EXIT_COST
     except RunFailed as e:
         print(f"evalkit: error: {e}", file=sys.stderr)
         return EXIT_FAILED

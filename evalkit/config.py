@@ -21,6 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .cost import Price
+
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
 KEY_ENV_FALLBACKS = ("EVALKIT_API_KEY", "OPENAI_API_KEY")
 
@@ -170,6 +172,10 @@ class RunConfig(BaseModel):
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run folder name under output [the model id]")
     restart: bool = False
     fail_if: list[str] = Field(default_factory=list, description="gates: exit 4 when a result meets one (evalkit/gates.py)")
+    # cost (evalkit/cost.py)
+    prices: dict[str, Price] = Field(default_factory=dict, description='USD per million tokens by model id: '
+                                     '[prices."gpt-4o-mini"] input = 0.15, output = 0.6')
+    max_cost: float | None = Field(None, gt=0, description="USD this invocation may spend, generation and judging together")
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
     @model_validator(mode="after")

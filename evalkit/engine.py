@@ -18,6 +18,8 @@
   and leave. Every change is logged and kept in the stats (`replica_events`).
 - --rps and --tpm are budgets (class Budget): smooth, in arrival order, and the time spent waiting
   for them is not counted as latency.
+- With a price, every answer is costed from its usage; with --max-cost, a request is sent only
+  when the run's limit still holds its worst case (evalkit/cost.py), and the run stops cleanly.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_before_delay
 
 from .config import ConfigError, EngineConfig, key_source, read_endpoints_file, redact_url
+from .cost import CostLimitReached, Price, Spending
 
 log = logging.getLogger("evalkit")
 BREAKER_FAILURES = 3  # failed attempts in a row that take a replica out of rotation
@@ -218,16 +221,16 @@ class Budget:
             self._returned.set()
 
 
-def estimate_tokens(body: dict[str, Any]) -> int:
-    """An upper estimate of what a request spends of a token budget, before its `usage` is known:
-    the prompt at 3 characters a token (fewer than most tokenizers' 4) plus max_tokens."""
+def estimate_tokens(body: dict[str, Any]) -> tuple[int, int]:
+    """Upper estimates of a request's prompt and completion tokens, before its `usage` is known:
+    the prompt at 3 characters a token (fewer than most tokenizers' 4), and max_tokens."""
     if "messages" in body:
         chars = sum(len(m.get("content") or "") if isinstance(m.get("content"), str) else len(orjson.dumps(m.get("content")))
                     for m in body["messages"])
     else:
         prompt = body.get("prompt") or body.get("input") or ""
         chars = len(prompt) if isinstance(prompt, str) else len(orjson.dumps(prompt))
-    return math.ceil(chars / 3) + int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
+    return math.ceil(chars / 3), int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
 
 
 @dataclass
@@ -246,6 +249,7 @@ class Stats:
     replicas: list[Replica] = field(default_factory=list)
     replica_events: list[dict[str, Any]] = field(default_factory=list)
     causes: Counter = field(default_factory=Counter)  # why requests failed: "kind status: message" -> count
+    cost: float | None = None  # USD, when the model has a price
 
     def summary(self) -> dict[str, Any]:
         wall = (self.ended or time.monotonic()) - self.started
@@ -260,6 +264,8 @@ class Stats:
             "output_tokens_per_s": round(self.completion_tokens / wall, 3) if wall > 0 else None,
             "e2e_latency_s": percentiles(self.latencies),
         }
+        if self.cost is not None:
+            out["cost_usd"] = round(self.cost, 6)
         if self.ttfts:
             out["ttft_s"] = percentiles(self.ttfts)
         if self.causes:
@@ -330,6 +336,8 @@ class Engine:
         self.model: str | None = None
         # a replica joining mid-run is asked GET /models; this says why its card is refused (None: admitted)
         self.vet_card: Callable[[dict[str, Any] | None], str | None] | None = None
+        self.price: Price | None = None  # the model's, when known: requests are costed
+        self.spending: Spending | None = None  # the run's, shared with its other engines (--max-cost)
         self._vetting: set[asyncio.Future] = set()
 
     async def __aenter__(self) -> "Engine":
@@ -547,11 +555,12 @@ class Engine:
         """
         assert self._session is not None and (self.model or self.api not in OPENAI_APIS), "use `async with Engine(...)` and set .model"
         if fresh_stats:
-            self.stats = Stats(replicas=self.replicas)
+            self.stats = Stats(replicas=self.replicas, cost=None if self.price is None else 0.0)
         stats = self.stats
         n_workers = min(self.cfg.concurrency, total) if total else self.cfg.concurrency  # no idle workers for small runs
         queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=2 * n_workers)
         fatal: list[BaseException] = []
+        stopped: list[Request] = []
 
         async def produce() -> None:
             for req in requests:
@@ -564,7 +573,15 @@ class Engine:
                 req = await queue.get()
                 if req is None:
                     return
-                result = await self._complete(req)
+                if stopped:  # --max-cost reached: the rest is not sent (no record: a rerun resumes it)
+                    self.spending.not_sent += 1  # type: ignore[union-attr]
+                    continue
+                try:
+                    result = await self._complete(req)
+                except CostLimitReached:
+                    stopped.append(req)
+                    self.spending.not_sent += 1  # type: ignore[union-attr]
+                    continue
                 stats.done += 1
                 if not result.ok:
                     stats.errors += 1
@@ -594,6 +611,8 @@ class Engine:
                 bar.close()
         if fatal:
             raise fatal[0]
+        if stopped:
+            raise CostLimitReached(self.spending.stop_message())  # type: ignore[union-attr]
         return stats
 
     async def _complete(self, req: Request) -> Result:
@@ -672,7 +691,11 @@ class Engine:
             body["stream_options"] = {"include_usage": True}
         if self._rps is not None:
             result.waited_s += await self._rps.take(1.0)
-        estimate = estimate_tokens(body) if self._tpm is not None else 0
+        prompt_estimate, completion_estimate = estimate_tokens(body)
+        estimate = prompt_estimate + completion_estimate
+        held = 0.0 if self.price is None else self.price.cost(prompt_estimate, completion_estimate)
+        if self.spending is not None and not self.spending.hold(held):
+            raise CostLimitReached(self.spending.stop_message())
         if self._tpm is not None:
             result.waited_s += await self._tpm.take(estimate)
         replica = await self._pick_replica()
@@ -708,6 +731,12 @@ class Engine:
             self.stats.inflight -= 1
             if self._tpm is not None and spent != estimate:
                 self._tpm.give_back(estimate - spent)
+            if self.price is not None:  # an answer costs what its usage says (its hold, without usage); a failure nothing
+                answered = result.prompt_tokens + result.completion_tokens
+                cost = 0.0 if not spent else self.price.cost(result.prompt_tokens, result.completion_tokens) if answered else held
+                self.stats.cost = (self.stats.cost or 0.0) + cost
+                if self.spending is not None:
+                    self.spending.settle(held, cost)
 
     async def _raise_for(self, resp: aiohttp.ClientResponse) -> None:
         kind = classify_status(resp.status)

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import orjson
 
 from .config import ConfigError, RunConfig, key_source, redact_url, resolve_api_key
+from .cost import Spending
 from .data import DataError, Item, dataset_file, resolve_data_root
 from .datasets import sha256_file
 from .deployment import hosts, identify, vetter
@@ -47,6 +48,11 @@ class RunContext:
     model: str
     run_dir: Path
     manifest: dict[str, Any] = field(default_factory=dict)
+    spending: Spending | None = None  # this invocation's, across stages (--max-cost)
+
+    def __post_init__(self) -> None:
+        if self.spending is None:
+            self.spending = Spending(self.cfg.max_cost)
 
     def responses_path(self, task: Task) -> Path:
         return self.run_dir / "responses" / f"{task.responses_of or task.name}.jsonl"
@@ -90,10 +96,40 @@ def save_manifest(ctx: RunContext) -> None:
         }
     )
     m.setdefault("created", m["updated"])
+    m["cost"] = spend_summary(m, ctx.cfg.max_cost)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     tmp = ctx.run_dir / "manifest.json.tmp"
     tmp.write_bytes(orjson.dumps(m, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     tmp.replace(ctx.run_dir / "manifest.json")
+
+
+def spend_summary(manifest: dict[str, Any], max_cost: float | None = None) -> dict[str, Any]:
+    """Tokens and cost of the latest generation and judging (USD where the models have prices)."""
+    stages = manifest.get("stages", {})
+    judging = list((stages.get("judge") or {}).get("requests", {}).values())
+    out: dict[str, Any] = {}
+    for name, parts in (("generation", [stages["generate"]] if "generate" in stages else []), ("judging", judging)):
+        if not parts:
+            continue
+        costs = [p["cost_usd"] for p in parts if "cost_usd" in p]
+        out[name] = {k: sum(p.get("usage", {}).get(k, 0) for p in parts) for k in ("prompt_tokens", "completion_tokens")}
+        if costs:
+            out[name]["usd"] = round(sum(costs), 6)
+    if any("usd" in v for v in out.values()):
+        out["total_usd"] = round(sum(v.get("usd", 0.0) for v in out.values()), 6)
+    if max_cost is not None:
+        out["max_cost"] = max_cost
+    return out
+
+
+def check_prices(cfg: RunConfig, models: list[str | None]) -> None:
+    """With --max-cost, every model the run will pay for has a price: checked before any request."""
+    if cfg.max_cost is None:
+        return
+    for m in models:
+        if m is not None and m not in cfg.prices:
+            raise ConfigError(f"--max-cost needs the price of {m!r}: add [prices.\"{m}\"] with input = and output = "
+                              f"(USD per million tokens; 0 for a local model) to the --config file")
 
 
 def record_datasets(ctx: RunContext, root: Path) -> None:
@@ -199,6 +235,7 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
         if api not in engines:
             eng = engines[api] = await stack.enter_async_context(model_engine(cfg, api))
             eng.model = ctx.model
+            eng.price, eng.spending = cfg.prices.get(ctx.model), ctx.spending
             eng.vet_card = vetter(deployment)  # a replica joining mid-run must serve what the keys say
         return engines[api]
 
@@ -375,6 +412,7 @@ async def check_judges(cfg: RunConfig, tasks: list[Task]) -> None:
     for name, j in judges.items():
         if not _is_remote(j):
             continue
+        check_prices(cfg, [getattr(j, "model", None)])
         key = resolve_api_key(j.key_env, j.key_option, fallback=j.api != "perspective")  # a named key that is unset stops here
         if j.api not in ("chat", "completions", "embeddings"):
             continue
@@ -440,7 +478,7 @@ async def judge(ctx: RunContext) -> dict[str, Any]:
                 counts[ident] = counts.get(ident, 0) + len(todo)
         for name, work in remote_work.items():
             if work:
-                summaries[name] = await _run_remote_judge(cfg, judges[name], work, writers)
+                summaries[name] = await _run_remote_judge(cfg, judges[name], work, writers, ctx.spending)
                 for _, ident, *_ in work:
                     counts[ident] = counts.get(ident, 0) + 1
     finally:
@@ -517,7 +555,8 @@ def make_judge(cfg: RunConfig, name: str):
     raise JudgeError(f"unknown judge {name!r}: choose from {', '.join(JUDGES + TOXICITY_JUDGES)}")
 
 
-async def _run_remote_judge(cfg: RunConfig, j: Any, work: list, writers: dict[str, JsonlWriter]) -> dict[str, Any]:
+async def _run_remote_judge(cfg: RunConfig, j: Any, work: list, writers: dict[str, JsonlWriter],
+                            spending: Spending | None) -> dict[str, Any]:
     """One engine run for every request of one remote judge (LLM or embeddings), all subtasks together."""
 
     def requests() -> Iterator[Request]:
@@ -536,6 +575,7 @@ async def _run_remote_judge(cfg: RunConfig, j: Any, work: list, writers: dict[st
     key = resolve_api_key(j.key_env, j.key_option, fallback=j.api != "perspective")
     async with Engine(cfg.engine, j.endpoint, key, j.api, j.key_hint) as eng:
         eng.model = j.model
+        eng.price, eng.spending = cfg.prices.get(j.model), spending
         try:
             await eng.run(requests(), on_result, total=len(work), desc=f"judge ({j.api})")
         finally:

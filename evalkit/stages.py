@@ -27,7 +27,7 @@ def failure_line(summary: dict[str, Any], what: str) -> str | None:
 
 async def run_stages(cfg, stages: tuple[str, ...]) -> int:
     """The stages of `run` / `generate` / `evaluate` for one configuration (also used by `matrix`)."""
-    from .pipeline import RunContext, check_judges, discover_model, generate, judge, load_manifest, model_slug, score
+    from .pipeline import RunContext, check_judges, check_prices, discover_model, load_manifest, model_slug
     from .tasks import select
 
     from . import gates
@@ -42,12 +42,24 @@ async def run_stages(cfg, stages: tuple[str, ...]) -> int:
         await check_judges(cfg, tasks)
     if "generate" in stages:
         model = await discover_model(cfg)
+        check_prices(cfg, [model])
         run_dir = cfg.output / (cfg.run_name or model_slug(model))
     else:
         run_dir, model = _existing_run(cfg)
     _check_writable(run_dir)
     ctx = RunContext(cfg, tasks, model, run_dir, load_manifest(run_dir))
     print(f"evalkit: model {model}, run folder {run_dir}, subtasks {', '.join(t.name for t in tasks)}", file=sys.stderr)
+    try:
+        return await _stages(ctx, stages, checks)
+    finally:  # also when the run stops at --max-cost
+        _print_cost(ctx.manifest.get("cost", {}), ("generation",) * ("generate" in stages) + ("judging",) * ("judge" in stages))
+
+
+async def _stages(ctx, stages: tuple[str, ...], checks: list) -> int:
+    from . import gates
+    from .pipeline import generate, judge, score
+
+    run_dir, tasks = ctx.run_dir, ctx.tasks
     if "generate" in stages:
         g = await generate(ctx)
         if g.get("requests"):
@@ -78,6 +90,20 @@ async def run_stages(cfg, stages: tuple[str, ...]) -> int:
     else:
         print(f"evalkit: responses in {run_dir / 'responses'}; judge and score them with `evalkit evaluate`", file=sys.stderr)
     return 0
+
+
+def _print_cost(cost: dict[str, Any], parts: tuple[str, ...]) -> None:
+    """One line: tokens (and USD, where priced) of this invocation's generation and judging."""
+    shown = [(p, cost[p]) for p in parts if p in cost and (cost[p]["prompt_tokens"] or cost[p]["completion_tokens"])]
+    if not shown:
+        return
+    line = "; ".join(f"{p} {c['prompt_tokens']:,} in / {c['completion_tokens']:,} out tokens"
+                     + (f" (${c['usd']:.4f})" if "usd" in c else "") for p, c in shown)
+    if any("usd" in c for _, c in shown):
+        line += f"; total ${sum(c.get('usd', 0.0) for _, c in shown):.4f}"
+        if cost.get("max_cost") is not None:
+            line += f" of --max-cost ${cost['max_cost']:g}"
+    print(f"evalkit: {line}", file=sys.stderr)
 
 
 def _check_writable(run_dir: Path) -> None:

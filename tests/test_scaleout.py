@@ -208,6 +208,6 @@ def test_tpm_holds_its_budget_by_the_servers_own_count(mock_server):
 
 
 def test_token_estimate_by_hand():
-    assert estimate_tokens({"messages": [{"role": "user", "content": "x" * 10}], "max_tokens": 5}) == 4 + 5
-    assert estimate_tokens({"prompt": "abcdef", "max_tokens": 1}) == 2 + 1
-    assert estimate_tokens({"messages": [{"role": "system", "content": "ab"}, {"role": "user", "content": "c"}]}) == 1
+    assert estimate_tokens({"messages": [{"role": "user", "content": "x" * 10}], "max_tokens": 5}) == (4, 5)
+    assert estimate_tokens({"prompt": "abcdef", "max_tokens": 1}) == (2, 1)
+    assert estimate_tokens({"messages": [{"role": "system", "content": "ab"}, {"role": "user", "content": "c"}]}) == (1, 0)
