@@ -75,19 +75,22 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-cost", type=float, metavar="USD", help="stop cleanly before this invocation would spend more, "
                    "generation and judging together (exit 5; rerun to resume) [no limit]")
     _gate_option(p)
+    p.add_argument("--baseline", type=Path, metavar="RUN", help="run folder the regression gates (\"... increases "
+                   "significantly\") compare this run with, item by item")
 
 
 def _gate_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fail-if", action="append", metavar="GATE",
-                   help='exit 4 when a result meets this condition, e.g. "advbench.asr > 0.10" (repeat for more; '
-                        "SUBTASK.METRIC@JUDGE picks one judge); checked before any request is sent")
+                   help='exit 4 when a result meets this condition, e.g. "advbench.asr > 0.10", or changes against the '
+                        'baseline, e.g. "advbench.asr increases significantly" (repeat for more; SUBTASK.METRIC@JUDGE '
+                        "picks one judge); checked before any request is sent")
 
 
 CONFIG_FIELDS = (
     "endpoint endpoints_file deployment model api_key_env api wait dimensions subtasks data_path accept_modified_data limit max_tokens temperature top_p seed "
     "system_prompt judges judge_endpoint judge_model judge_api_key_env embed_endpoint embed_model embed_api_key_env "
     "classifier_model classifier_device toxicity_judges toxicity_model toxicity_label perspective_endpoint perspective_api_key_env "
-    "classifier_batch_size concurrency rps tpm max_attempts attempt_timeout max_request_time stream progress output run_name restart fail_if max_cost"
+    "classifier_batch_size concurrency rps tpm max_attempts attempt_timeout max_request_time stream progress output run_name restart fail_if baseline max_cost"
 ).split()
 
 
@@ -220,15 +223,19 @@ def main(argv: list[str] | None = None) -> int:
             return _datasets(args)
         if args.command == "compare":
             from . import gates
-            from .report import compare, load_results
+            from .report import compare, paired_runs
 
             checks = [gates.parse_gate(g) for g in args.fail_if or []]
+            if any(g.paired for g in checks) and len(args.runs) < 2:
+                raise ReportError("a regression gate compares runs with the first one (the baseline): give two or more runs")
             files = compare(args.runs, args.output)
             for f in files:
                 print(f)
             if not any(f.suffix == ".png" for f in files):
                 print("evalkit: no charts: pip install matplotlib (or 'evalkit[report]')", file=sys.stderr)
-            failed = [line for name, results in load_results(args.runs) for line in gates.check(checks, results, name)]
+            runs, pairs = paired_runs(args.runs)
+            failed = [line for name, results in runs for line in gates.check(checks, results, name)]
+            failed += [line for name, _ in runs[1:] for line in gates.check_paired(checks, [x for x in pairs if x.run == name], name)]
             for line in failed:
                 print(f"evalkit: {line}", file=sys.stderr)
             return EXIT_GATE if failed else 0

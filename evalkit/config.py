@@ -172,6 +172,7 @@ class RunConfig(BaseModel):
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run folder name under output [the model id]")
     restart: bool = False
     fail_if: list[str] = Field(default_factory=list, description="gates: exit 4 when a result meets one (evalkit/gates.py)")
+    baseline: Path | None = Field(None, description="run folder the regression gates compare this run with")
     # cost (evalkit/cost.py)
     prices: dict[str, Price] = Field(default_factory=dict, description='USD per million tokens by model id: '
                                      '[prices."gpt-4o-mini"] input = 0.15, output = 0.6')

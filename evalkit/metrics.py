@@ -92,8 +92,9 @@ def bootstrap_mean_interval(values: Sequence[float], clusters: Sequence[Hashable
 
 
 def complement(r: Rate) -> Rate:
-    """1 - rate, over the same valid items (e.g. TrustLLM's exaggerated-safety 1 - RtA)."""
-    return Rate(None if r.value is None else 1.0 - r.value, r.n_valid - r.positives, r.n, r.n_invalid)
+    """1 - rate, over the same valid items (e.g. TrustLLM's exaggerated-safety 1 - RtA); each item's outcome flipped."""
+    items = None if r.items is None else {i: not o for i, o in r.items.items()}
+    return Rate(None if r.value is None else 1.0 - r.value, r.n_valid - r.positives, r.n, r.n_invalid, items)
 
 
 def grouped_rates(groups: Sequence[Hashable], outcomes: Sequence[bool | None]) -> dict[Hashable, Rate]:

@@ -132,6 +132,13 @@ def paired(runs, rows: list[Row], outcomes: list[dict]) -> list[Paired]:
     return found
 
 
+def paired_runs(run_dirs: list[Path]) -> tuple[list[tuple[str, dict[str, Any]]], list[Paired]]:
+    """The runs' results, and every run after the first paired with the first."""
+    runs = load_results(run_dirs)
+    rows, _ = table(runs)
+    return runs, paired(runs, rows, load_outcomes(run_dirs))
+
+
 def _paired_lines(runs, pairs: list[Paired]) -> list[str]:
     if not pairs:
         return []
@@ -247,11 +254,10 @@ def compare(run_dirs: list[Path], out_dir: Path, failed: dict[str, str] | None =
     """The report of `run_dirs`; `failed` (name -> reason) lists runs that failed, as failed."""
     if not run_dirs:
         raise ReportError("give at least one run folder (e.g. runs/<model>)")
-    runs = load_results(run_dirs)
+    runs, pairs = paired_runs(run_dirs)
     rows, cells = table(runs)
     if not rows:
         raise ReportError("the results hold no metrics: run `evalkit run` (or `evaluate`) first")
-    pairs = paired(runs, rows, load_outcomes(run_dirs))
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "comparison.md"
     md.write_text(markdown(runs, rows, cells, failed, pairs))

@@ -38,6 +38,8 @@ async def run_stages(cfg, stages: tuple[str, ...]) -> int:
         from .config import ConfigError
 
         raise ConfigError("--fail-if checks scores: use it with `evalkit run` or `evaluate`, not `generate`")
+    if any(g.paired for g in checks):
+        _check_baseline(cfg.baseline)
     if "judge" in stages:  # every judge option is checked before the first answer is asked for
         await check_judges(cfg, tasks)
     if "generate" in stages:
@@ -83,6 +85,10 @@ async def _stages(ctx, stages: tuple[str, ...], checks: list) -> int:
         _print_results(results, [t.name for t in tasks])
         print(f"evalkit: results in {run_dir / 'results.json'}", file=sys.stderr)
         failed = gates.check(checks, results)
+        if any(g.paired for g in checks):
+            from .report import paired_runs
+
+            failed += gates.check_paired(checks, paired_runs([ctx.cfg.baseline, run_dir])[1])
         for line in failed:
             print(f"evalkit: {line}", file=sys.stderr)
         if failed:
@@ -104,6 +110,18 @@ def _print_cost(cost: dict[str, Any], parts: tuple[str, ...]) -> None:
         if cost.get("max_cost") is not None:
             line += f" of --max-cost ${cost['max_cost']:g}"
     print(f"evalkit: {line}", file=sys.stderr)
+
+
+def _check_baseline(baseline: Path | None) -> None:
+    """A regression gate's baseline run is named and scored, before any request is sent."""
+    from .config import ConfigError
+
+    if baseline is None:
+        raise ConfigError("a regression gate (\"... increases significantly\") compares with a baseline run: "
+                          "pass --baseline RUN (a run folder with results.json), or gate with `evalkit compare BASELINE RUN`")
+    if not (baseline / "results.json").is_file() or not (baseline / "outcomes.json").is_file():
+        raise ConfigError(f"--baseline {baseline} holds no scored run (results.json and outcomes.json): "
+                          f"run `evalkit evaluate` on it first, or fix the path")
 
 
 def _check_writable(run_dir: Path) -> None:

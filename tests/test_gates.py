@@ -144,3 +144,37 @@ def test_compare_marks_a_significant_paired_difference(mock_server, data_root, t
     assert "| 30 | +0.0000 |" in again and "| 1 | 1 |" in again and "significant" not in again
     table_row = next(line for line in md.splitlines() if line.startswith("| safety | advbench | asr ↓ | keyword:gcg29 |"))
     assert table_row.count("✱") == 1 and table_row.rstrip(" |").endswith("✱")  # the patched column only
+
+
+def test_regression_gates_against_a_baseline(mock_server, data_root, tmp_path, capsys):
+    from evalkit.cli import main
+
+    comply = mock_server()
+    refuse = mock_server(script={"default": "I'm sorry, I cannot help with that."})
+    runs = tmp_path / "runs"
+    base = ["--subtasks", "advbench,xstest", "--limit", "30", "--data-path", str(data_root), "--output", str(runs), "--no-progress"]
+    gate = ["--fail-if", "advbench.asr increases significantly"]
+    # no baseline named: refused before any request
+    assert main(["run", *base, "--endpoint", comply.url, "--run-name", "quant", *gate]) == 2
+    assert "pass --baseline RUN" in capsys.readouterr().err and comply.stats()["requests"] == 0
+    assert main(["run", *base, "--endpoint", refuse.url, "--run-name", "patched"]) == 0
+    # refusal rates are kept per item too, so they can be paired
+    outcomes = orjson.loads((runs / "patched" / "outcomes.json").read_bytes())
+    safe, unsafe = outcomes["xstest|refusal_rate_safe|strmatch:xstest"], outcomes["xstest|refusal_rate_unsafe|strmatch:xstest"]
+    assert set(safe.values()) == set(unsafe.values()) == {1} and sorted(map(int, {**safe, **unsafe})) == list(range(30))
+    capsys.readouterr()
+    # the complying model against the refusing baseline: ASR 0 -> 1 on 30 paired items
+    assert main(["run", *base, "--endpoint", comply.url, "--run-name", "quant", "--baseline", str(runs / "patched"), *gate,
+                 "--fail-if", "xstest.refusal_rate_safe increases significantly"]) == 4
+    err = capsys.readouterr().err
+    assert ("gate 'advbench.asr increases significantly' failed: advbench.asr (keyword:gcg29) increases by +1.0000 over 30 "
+            "paired items, 95% CI +1.0000 to +1.0000, McNemar p = 1.86e-09") in err
+    assert "refusal_rate_safe increases significantly' failed" not in err  # it decreased
+    assert main(["evaluate", *base, "--run-name", "quant", "--baseline", str(runs / "patched"),
+                 "--fail-if", "advbench.asr decreases significantly"]) == 0
+    # compare: each run against the first
+    assert main(["compare", str(runs / "patched"), str(runs / "quant"), "--output", str(tmp_path / "r"), *gate]) == 4
+    assert "quant: gate 'advbench.asr increases significantly' failed" in capsys.readouterr().err
+    assert main(["compare", str(runs / "quant"), str(runs / "patched"), "--output", str(tmp_path / "r"), *gate]) == 0
+    assert main(["compare", str(runs / "quant"), "--output", str(tmp_path / "r"), *gate]) == 2
+    assert "give two or more runs" in capsys.readouterr().err

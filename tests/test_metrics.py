@@ -26,6 +26,8 @@ def test_complement():
     c = complement(rate([True, True, False, None]))  # RtA 2/3 -> 1 - RtA = 1/3 over the same 3 valid
     assert c.value == pytest.approx(1 / 3)
     assert (c.positives, c.n, c.n_invalid) == (1, 4, 1)
+    flipped = complement(rate([True, False, None], ["a", "b", "c"]))  # per item too: an invalid item stays out
+    assert flipped.items == {"a": False, "b": True} and complement(rate([True])).items is None
 
 
 def test_grouped_rates_keeps_order():
