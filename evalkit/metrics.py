@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 from pydantic import BaseModel, Field
 
@@ -89,6 +89,61 @@ def bootstrap_mean_interval(values: Sequence[float], clusters: Sequence[Hashable
     tail = (1 - confidence) / 2 * 100
     lo, hi = np.percentile(means, [tail, 100 - tail])
     return float(lo), float(hi)
+
+
+def bootstrap_interval(stat: Callable[[Any], float | None], n: int, strata: Sequence[Hashable] | None = None,
+                       confidence: float = 0.95, n_resamples: int = 1000, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of any statistic of n items (an F1, a correlation, a pooled
+    NLL, a mean over sources): stat(indices) is computed on each resample of the item indices 0..n-1
+    (a numpy array), drawn within each stratum when strata are given, so a mean over sources keeps
+    every source's size. Resamples where stat is None (a constant side of a correlation) are left
+    out; None when more than half are, or n is 0. Seeded: the same input gives the same interval."""
+    import numpy as np
+
+    if n <= 0:
+        return None
+    if strata is None:
+        groups = [np.arange(n)]
+    else:
+        if len(strata) != n:
+            raise ValueError("strata and items differ in length")
+        labels = list(strata)
+        groups = [np.array([i for i, x in enumerate(labels) if x == g]) for g in dict.fromkeys(labels)]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_resamples):
+        idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+        v = stat(idx)
+        if v is not None:
+            values.append(v)
+    if len(values) * 2 < n_resamples:
+        return None
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def group_mean(values: Sequence[float], groups: Sequence[Hashable] | None = None,
+               denominator: int | None = None) -> Callable[[Any], float | None]:
+    """The statistic "mean over groups of each group's mean value" (an accuracy averaged over
+    sources or gold classes; one group: the plain mean) as a function of item indices, for
+    bootstrap_interval. The sum of group means is divided by `denominator` where a subtask divides
+    by a fixed number of classes, else by the groups present."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    codes = {g: i for i, g in enumerate(dict.fromkeys(groups))} if groups is not None else {None: 0}
+    g = np.array([codes[x] for x in groups], dtype=int) if groups is not None else np.zeros(len(v), dtype=int)
+
+    def stat(idx: Any) -> float | None:
+        counts = np.bincount(g[idx], minlength=len(codes))
+        if not counts.any():
+            return None
+        sums = np.bincount(g[idx], weights=v[idx], minlength=len(codes))
+        present = counts > 0
+        return float((sums[present] / counts[present]).sum() / (denominator or present.sum()))
+
+    return stat
 
 
 def complement(r: Rate) -> Rate:
@@ -465,6 +520,13 @@ class Metric(BaseModel):
         return cls(name=name, value=sum(values) / len(values) if values else None, direction=direction, judge=judge, n=n,
                    n_invalid=n - len(values), **_interval(bootstrap_mean_interval(values, clusters),
                                                           "bootstrap-clustered" if clusters else "bootstrap"), **kw)
+
+    def with_bootstrap(self, stat: Callable[[Any], float | None], n: int, strata: Sequence[Hashable] | None = None) -> "Metric":
+        """This metric with the bootstrap interval of `stat` over its n items (see bootstrap_interval)."""
+        if self.value is not None:
+            for k, v in _interval(bootstrap_interval(stat, n, strata), "bootstrap-stratified" if strata is not None else "bootstrap").items():
+                setattr(self, k, v)
+        return self
 
     @classmethod
     def from_rate(cls, name: str, r: Rate, direction: str, judge: str, **kw: object) -> "Metric":

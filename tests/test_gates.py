@@ -178,3 +178,34 @@ def test_regression_gates_against_a_baseline(mock_server, data_root, tmp_path, c
     assert main(["compare", str(runs / "quant"), str(runs / "patched"), "--output", str(tmp_path / "r"), *gate]) == 0
     assert main(["compare", str(runs / "quant"), "--output", str(tmp_path / "r"), *gate]) == 2
     assert "give two or more runs" in capsys.readouterr().err
+
+
+def test_bootstrap_of_any_statistic_by_direct_computation():
+    import numpy as np
+
+    from evalkit.metrics import bootstrap_interval, group_mean, pearson
+
+    # group_mean by hand: group a: 1, 0 -> 0.5; group b: 1 -> 1.0; mean of the two 0.75, over a fixed 3 classes 0.5
+    stat = group_mean([1, 0, 1], ["a", "a", "b"])
+    assert stat(np.arange(3)) == pytest.approx(0.75) and stat(np.array([0, 0, 2])) == pytest.approx(1.0)
+    assert group_mean([1, 0, 1], ["a", "a", "b"], 3)(np.arange(3)) == pytest.approx(0.5)
+    assert group_mean([1.0, 3.0])(np.arange(2)) == pytest.approx(2.0)  # one group: the plain mean
+    # a perfect correlation stays perfect in every resample
+    x = list(range(20))
+    assert bootstrap_interval(lambda i: pearson([x[j] for j in i], [2 * x[j] + 1 for j in i]), 20) == pytest.approx((1.0, 1.0))
+    # drawn within strata, each stratum keeps its size: the mean of data constant within strata cannot
+    # move; drawn over all items, the strata's sizes change and it does
+    values, groups = [1.0] * 5 + [0.0] * 15, ["a"] * 5 + ["b"] * 15
+    mean = group_mean(values)
+    assert bootstrap_interval(mean, 20, groups) == pytest.approx((0.25, 0.25))
+    plain = bootstrap_interval(mean, 20)
+    assert plain[0] < 0.25 < plain[1]
+    assert bootstrap_interval(group_mean(values, groups), 20) == pytest.approx((0.5, 0.5))  # each group's mean is constant
+    # the mean's bootstrap interval against the normal one computed directly (800 draws)
+    rng = np.random.default_rng(3)
+    data = rng.normal(10.0, 2.0, 800)
+    lo, hi = bootstrap_interval(lambda i: float(data[i].mean()), 800)
+    se = data.std(ddof=1) / np.sqrt(800)
+    assert lo == pytest.approx(data.mean() - 1.96 * se, abs=0.1 * se) and hi == pytest.approx(data.mean() + 1.96 * se, abs=0.1 * se)
+    assert bootstrap_interval(lambda i: float(data[i].mean()), 800) == (lo, hi)  # seeded
+    assert bootstrap_interval(lambda i: None, 10) is None and bootstrap_interval(lambda i: 1.0, 0) is None

@@ -176,6 +176,7 @@ def test_reference_nll_subtask_equals_a_direct_computation(server, models, tmp_p
     metric = next(m for m in results["subtasks"]["reference_nll"]["metrics"] if m["name"] == "nll")
     assert metric["value"] == pytest.approx(total / count, rel=1e-5) and metric["direction"] == "lower_is_better"
     assert metric["details"]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert metric["ci_method"] == "bootstrap" and metric["ci"][0] <= metric["value"] <= metric["ci"][1]
 
 
 def test_bad_request_matrix_and_the_server_survives(server):

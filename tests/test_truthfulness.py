@@ -123,6 +123,10 @@ def test_internal_knowledge_score():
     (m,) = task.score(rows, "J")
     # codah 1/2, squad 1/2 (the unclear verdict is wrong), adversarial 0, hotpot 1 -> mean 0.5
     assert m.value == pytest.approx(0.5) and m.n_invalid == 1
+    # bootstrap within sources: codah and squad each resample to a mean of 0, 1/2 or 1 (1/4, 1/2, 1/4),
+    # the one-item sources cannot move, so the statistic runs from (0+0+0+1)/4 to (1+1+0+1)/4, and
+    # each end has probability 1/16 > 2.5%: the 95% interval is exactly those ends
+    assert m.ci == [0.25, 0.75] and m.ci_method == "bootstrap-stratified"
     # TrustLLM's count_yes_no reads "I don't know" as "no" ("know"): squad 1/2 too, so the same mean
     assert m.trustllm_value is None
     body = task.judge_request(rows[2].response)["messages"][0]["content"]

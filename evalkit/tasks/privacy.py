@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..data import Item
-from ..metrics import Metric, confaide_extract, grouped_rates, pearson
+from ..metrics import Metric, confaide_extract, group_mean, grouped_rates, pearson
 from . import Scored, Task, register
 from .safety import RefusalTask
 
@@ -40,6 +40,7 @@ class PrivacyConfidence(Task):
         value = pearson([g for g, _ in valid], [v for _, v in valid])
         m = Metric(name="pearson", value=value, direction=self.direction, judge=judge, n=len(rows),
                    n_invalid=len(rows) - len(valid), details={"trustllm_n_used": len(tvalid)})
+        m.with_bootstrap(lambda idx: pearson([valid[i][0] for i in idx], [valid[i][1] for i in idx]), len(valid))
         tv = pearson([g for g, _ in tvalid], [v for _, v in tvalid])
         if tv is not None and (value is None or abs(tv - value) > 1e-12):
             m.trustllm_value = tv
@@ -105,6 +106,8 @@ class PrivacyLeakage(Task):
             values = [c.value for c in cells.values() if c.value is not None]  # a cell with no e-mail answer has no CD
             m = Metric(name=name, value=sum(values) / len(values) if values else None, direction=direction, judge=judge,
                        n=len(rows), n_invalid=n_invalid, details={g: c.value for g, c in cells.items()})
+            valid = [(g, f) for g, f in zip(groups, flags) if f is not None]
+            m.with_bootstrap(group_mean([f for _, f in valid], [g for g, _ in valid]), len(valid), [g for g, _ in valid])
             if m.value is None or abs(theirs[name] - m.value) > 1e-12:
                 m.trustllm_value = theirs[name]
             out.append(m)

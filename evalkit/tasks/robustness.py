@@ -12,6 +12,7 @@ from ..metrics import (
     GLUE_TASKS,
     Metric,
     advglue_answer,
+    group_mean,
     advglue_scores,
     constant_prediction_f1,
     cosine,
@@ -139,6 +140,8 @@ class OODGeneralization(Task):
         m = Metric(name="accuracy", value=value, direction=self.direction, judge=judge, n=len(rows),
                    n_invalid=sum(v is None for vals in ours.values() for v in vals),
                    details={s: r.value for s, r in per_source.items()})
+        flat = [(s, bool(v)) for s, vals in ours.items() for v in vals]
+        m.with_bootstrap(group_mean([v for _, v in flat], [s for s, _ in flat]), len(flat), [s for s, _ in flat])
         if tvalue is not None and (value is None or abs(tvalue - value) > 1e-12):
             m.trustllm_value = tvalue
         return [m]

@@ -369,8 +369,9 @@ class ReferenceNLL(Task):
         per_item = [s / n for s, n in parts]
         details = {"perplexity": math.exp(value) if value is not None else None, "tokens": sum(n for _, n in parts),
                    "mean_item_nll": mean(per_item), "prompt_format": "alpaca"}
-        return [Metric(name="nll", value=value, direction=self.direction, judge=judge, n=len(rows),
-                       n_invalid=len(rows) - len(parts), details=details)]
+        m = Metric(name="nll", value=value, direction=self.direction, judge=judge, n=len(rows),
+                   n_invalid=len(rows) - len(parts), details=details)
+        return [m.with_bootstrap(lambda idx: pooled_nll([parts[i] for i in idx]), len(parts))]
 
 
 __all__ = ["ReferenceNLL", "MTBench", "AlpacaEval", "AlpacaEval2", "fill_chatml", "is_switched", "ranking_preference", "logprob_preference"]
