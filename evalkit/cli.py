@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="compare runs: Markdown table, HTML report, PNG charts per dimension")
     cp.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<model>) or results.json files")
     cp.add_argument("--output", type=Path, default=Path("reports"), help="folder for the report [reports]")
+    cp.add_argument("--baseline", type=Path, metavar="RUN", help="the run the paired comparisons (and regression gates) "
+                    "test the others against; added if not among RUNS [the first run]")
     _gate_option(cp)
     vp = sub.add_parser("view", help="one self-contained HTML page to read runs answer by answer, side by side")
     vp.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<model>)")
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             from .report import compare, paired_runs
 
             checks = [gates.parse_gate(g) for g in args.fail_if or []]
+            if args.baseline is not None:  # the baseline goes first
+                args.runs = [args.baseline, *(r for r in args.runs if r.resolve() != args.baseline.resolve())]
             if any(g.paired for g in checks) and len(args.runs) < 2:
                 raise ReportError("a regression gate compares runs with the first one (the baseline): give two or more runs")
             files = compare(args.runs, args.output)

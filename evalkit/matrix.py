@@ -10,7 +10,7 @@ variant that shares the same chain up to it), start its server through serve.sh'
 vLLM backend, any --quant), run generate -> judge -> score into `<output>/<variant name>/`, stop
 the server, and go on. A `[judge]` server is started once and stays up across variants (all
 parallel variants share it). At the end `evalkit compare` writes `<output>/report/` (Markdown,
-HTML, PNG per dimension). On a cluster, one variant per job: `--only NAME --no-report` in each
+HTML, PNG per dimension) and `evalkit view` its `view.html`. On a cluster, one variant per job: `--only NAME --no-report` in each
 (`--list` prints the names), then `evalkit compare <output>/*/ --output <output>/report` (README).
 
 File layout (TOML):
@@ -18,6 +18,7 @@ File layout (TOML):
     output = "runs/matrix"          # run folders and the report
     models_dir = "models/matrix"    # where prepared variants are written
     parallel = 1                    # variants run at once, each on its own GPUs (or share of CPU cores)
+    baseline = "dense"              # the report's paired comparisons are against it [the first variant]
     [run]                           # any `evalkit run` option (config-file names)
     subtasks = ["advbench", "xstest"]
     limit = 50
@@ -186,6 +187,7 @@ class Matrix(BaseModel):
     output: Path = Path("runs/matrix")
     models_dir: Path = Path("models/matrix")
     parallel: int = Field(1, ge=1, description="variants evaluated at once")
+    baseline: str | None = Field(None, description="the variant the report's paired comparisons are against [the first]")
     run: dict[str, Any] = Field(default_factory=dict)
     judge: Judge | None = None
     variant: list[Variant]
@@ -196,6 +198,8 @@ class Matrix(BaseModel):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"variant names must be unique; repeated: {', '.join(sorted(dup))}")
+        if self.baseline is not None and self.baseline not in names:
+            raise ValueError(f"baseline = {self.baseline!r} names no variant (variants: {', '.join(names)})")
         return self
 
 
@@ -317,6 +321,7 @@ def slots(m: Matrix, variants: list[Variant]) -> list[dict[str, str]]:
 def run_matrix(path: Path, only: list[str] | None = None, dry_run: bool = False, report: bool = True,
                list_only: bool = False) -> int:
     from .report import compare
+    from .viewer import write_view
 
     m = load_matrix(path)
     if list_only:
@@ -375,8 +380,10 @@ def run_matrix(path: Path, only: list[str] | None = None, dry_run: bool = False,
         if judge_name:
             stop_server(judge_name)
     runs = [m.output / v.name for v in variants if v.name not in failed and (m.output / v.name / "results.json").is_file()]
+    if m.baseline is not None:  # the paired comparisons are against it: it goes first
+        runs.sort(key=lambda d: d.name != m.baseline)
     if runs and report:
-        for f in compare(runs, m.output / "report", failed):
+        for f in [*compare(runs, m.output / "report", failed), write_view(runs, m.output / "report" / "view.html")]:
             print(f)
     if failed:
         _log(f"{len(failed)} variant(s) failed: {', '.join(failed)} (the others are in the report); rerun to resume them")

@@ -176,6 +176,12 @@ def test_regression_gates_against_a_baseline(mock_server, data_root, tmp_path, c
     assert main(["compare", str(runs / "patched"), str(runs / "quant"), "--output", str(tmp_path / "r"), *gate]) == 4
     assert "quant: gate 'advbench.asr increases significantly' failed" in capsys.readouterr().err
     assert main(["compare", str(runs / "quant"), str(runs / "patched"), "--output", str(tmp_path / "r"), *gate]) == 0
+    # --baseline picks the baseline whatever the order (and adds it when it is not among the runs)
+    assert main(["compare", str(runs / "quant"), str(runs / "patched"), "--baseline", str(runs / "patched"),
+                 "--output", str(tmp_path / "r"), *gate]) == 4
+    assert main(["compare", str(runs / "quant"), "--baseline", str(runs / "patched"), "--output", str(tmp_path / "r"), *gate]) == 4
+    assert "Paired comparison with patched" in (tmp_path / "r" / "comparison.md").read_text()
+    capsys.readouterr()
     assert main(["compare", str(runs / "quant"), "--output", str(tmp_path / "r"), *gate]) == 2
     assert "give two or more runs" in capsys.readouterr().err
 

@@ -93,6 +93,7 @@ def test_parallel_variants_share_the_judge_and_one_failure_stops_only_itself(moc
     (tmp_path / "m.toml").write_text(f'''
 output = "out"
 parallel = 2
+baseline = "b"
 [judge]
 endpoint = ["{judge.url}"]
 model_id = "judge-model"
@@ -124,7 +125,10 @@ model_id = "mock-model"
     assert len(la) == len(lb) == 30 and max(min(la), min(lb)) < min(max(la), max(lb))
     assert judge.stats()["requests"] == 60  # one judge for both
     md = (tmp_path / "out" / "report" / "comparison.md").read_text()
-    assert md.splitlines()[0].endswith("| a | b |")  # the failed variant is no column of empty numbers
+    assert md.splitlines()[0].endswith("| b | a |")  # the baseline first; the failed variant is no column of empty numbers
+    # paired against the baseline b (refuses everything): a's ASR is 1.0 higher on the 30 shared items
+    assert "Paired comparison with b" in md and "| advbench | asr | keyword:gcg29 | a | 30 | +1.0000 |" in md
+    assert "a | 30 |" in md and "view.html" in p.stdout and (tmp_path / "out" / "report" / "view.html").stat().st_size > 0
     assert "- dead: FAILED (" in md and "127.0.0.1:9" in md
     assert not (tmp_path / "out" / "dead" / "results.json").exists()
     # one variant per cluster job, no report each; `evalkit compare` merges them
@@ -176,6 +180,7 @@ device = "cpu"
     ('[[variant]]\nname = "a"\nmodel = "x"\n[[variant]]\nname = "a"\nmodel = "y"\n', "repeated: a"),
     ('[[variant]]\nname = "a"\nmodel = "x"\nsave_quantized = true\n', "save_quantized needs model and a quant"),
     ('[judge]\nendpoint = ["http://h/v1"]\n[[variant]]\nname = "a"\nmodel = "x"\n', "an endpoint judge needs model_id"),
+    ('baseline = "b"\n[[variant]]\nname = "a"\nmodel = "x"\n', "baseline = 'b' names no variant (variants: a)"),
 ])
 def test_matrix_file_errors_name_the_problem(tmp_path, body, msg):
     (tmp_path / "m.toml").write_text(body)
