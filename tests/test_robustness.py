@@ -67,6 +67,10 @@ def test_adversarial_glue_end_to_end(mock_server, data_root, tmp_path):
     assert m["avg_acc"]["n_invalid"] == len(sst2) == 262
     assert "trustllm_value" not in m["avg_acc"]  # TrustLLM drops the sst2 pairs; a task without pairs counts 0 too
     assert m["avg_asr"]["value"] == 0.0 and m["rs"]["value"] == pytest.approx(m["avg_adv_acc"]["value"])
+    # whole pairs are resampled within each task: no pair ever turns a right answer wrong, so no resample
+    # has an attack success; the accuracies do move with the resampled pairs
+    assert m["avg_asr"]["ci"] == [0.0, 0.0] and m["avg_asr"]["ci_method"] == "bootstrap-stratified"
+    assert m["avg_acc"]["ci"][0] < m["avg_acc"]["value"] < m["avg_acc"]["ci"][1]
     assert m["rs"]["direction"] == "higher_is_better" and m["rs"]["judge"] == "rule"
 
 

@@ -74,6 +74,22 @@ class AdversarialGLUE(Task):
                 m.trustllm_value = theirs[name]
             metrics.append(m)
         metrics[0].details = {k: v for k, v in ours.items() if not k.startswith("avg_") and k != "rs"}
+        # the bootstrap draws whole original/modified pairs, within each GLUE task; the four
+        # metrics come from the same resamples (seeded alike), so each resample is scored once
+        pairs: dict[tuple[str, Any], list[tuple[str, bool | None]]] = {}
+        for task, pair, variant, correct in items:
+            pairs.setdefault((task, pair), []).append((variant, correct))
+        keys = list(pairs)
+        scored: dict[bytes, dict[str, float]] = {}
+
+        def resampled(idx) -> dict[str, float]:
+            if idx.tobytes() not in scored:
+                scored[idx.tobytes()] = advglue_scores([(keys[i][0], n, v, c) for n, i in enumerate(idx) for v, c in pairs[keys[i]]],
+                                                       drop_unknown=False)
+            return scored[idx.tobytes()]
+
+        for m in metrics:
+            m.with_bootstrap(lambda idx, name=m.name: resampled(idx)[name], len(keys), [t for t, _ in keys])
         return metrics
 
 

@@ -269,8 +269,10 @@ class AlpacaEval(Task):
         details["avg_length"] = round(mean(answered)) if answered else None
         details["reference"] = self.reference_file
         n_invalid = len(rows) - (wr["n_total"] if wr else 0)
-        return [Metric(name="win_rate", value=wr["win_rate"] if wr else None, direction=self.direction, judge=judge,
-                       n=len(rows), n_invalid=n_invalid, details=details)]
+        m = Metric(name="win_rate", value=wr["win_rate"] if wr else None, direction=self.direction, judge=judge,
+                   n=len(rows), n_invalid=n_invalid, details=details)
+        valid = [p for p in prefs if p is not None and p == p]
+        return [m.with_bootstrap(lambda idx: win_rate([valid[i] for i in idx])["win_rate"], len(valid))]
 
 
 @register
