@@ -48,7 +48,7 @@ def start_mock(*args: str) -> tuple[subprocess.Popen, str, int]:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=1)
             break
-        except Exception:  # noqa: BLE001
+        except Exception:
             time.sleep(0.05)
     return proc, f"http://127.0.0.1:{port}/v1", port
 

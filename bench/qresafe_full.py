@@ -22,8 +22,8 @@ from pathlib import Path
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from client_throughput import REPO, start_mock  # noqa: E402
-from trustllm_full import generate_then_evaluate  # noqa: E402
+from client_throughput import REPO, start_mock
+from trustllm_full import generate_then_evaluate
 
 SUBTASKS = "advbench,advbench_aoa,advbench_decoding,harmbench,harmfulqa,catqa,dangerousqa,xstest,mt_bench,alpaca_eval,alpaca_eval2"
 JUDGE_SCRIPT = {"default": "No", "rules": [

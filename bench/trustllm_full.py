@@ -23,7 +23,7 @@ from pathlib import Path
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from client_throughput import REPO, start_mock  # noqa: E402
+from client_throughput import REPO, start_mock
 
 DIMENSIONS = "truthfulness,safety,fairness,robustness,privacy,ethics"
 
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.0, help="mock latency per request (s)")
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--data-path", type=Path, default=REPO.parent / "shared" / "datasets")
+    ap.add_argument("--output", type=Path, help="keep the run here (to diff results.json across versions) [a temporary folder]")
     args = ap.parse_args()
 
     procs = []
@@ -72,6 +73,8 @@ def main() -> None:
     procs.append(persp)
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            if args.output is not None:
+                tmp = str(args.output)
             common = ["--dimensions", DIMENSIONS, "--endpoint", args.endpoint, "--data-path", str(args.data_path),
                       "--concurrency", str(args.concurrency), "--no-progress"]
             judging = ["--judges", "keyword", "--judge-endpoint", args.judge_endpoint, "--judge-model", args.judge_model,

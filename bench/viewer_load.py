@@ -27,10 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evalkit.records import JsonlWriter  # noqa: E402
-from evalkit.viewer import collect, write_view  # noqa: E402
+import orjson
 
-import orjson  # noqa: E402
+from evalkit.records import JsonlWriter
+from evalkit.viewer import collect, write_view
 
 # a Zipf-distributed vocabulary of 20,000 made-up words: about as compressible as English answers
 _rng = random.Random(1)
@@ -111,7 +111,7 @@ def main() -> int:
                     filters.setdefault(name, []).append(ms)
                 pg.close()
             browser.close()
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    med = lambda xs: sorted(xs)[len(xs) // 2]
     print(f"{args.runs} runs x {args.records} answers: page {size_mb:.1f} MB, built in {build_s:.1f} s")
     print(f"list ready (index read + parsed, first page drawn), median of 3: {med(ready):.0f} ms "
           f"= {med(ready) / 2000:.2f} of the 2 s target; answers ready (details inflated) {med(answers):.0f} ms")

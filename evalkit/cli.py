@@ -9,11 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-EXIT_FAILED = 1  # the run went through but produced nothing usable (every request failed)
-EXIT_USAGE = 2
-EXIT_AUTH = 3
-EXIT_GATE = 4  # a --fail-if gate failed
-EXIT_COST = 5  # stopped at --max-cost (everything answered is kept)
+from .errors import EXIT_AUTH, EXIT_COST, EXIT_FAILED, EXIT_GATE, EXIT_USAGE  # noqa: F401 - the codes, with the tree
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
@@ -206,17 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
         serve(args)
         return 0
-    from .config import ConfigError
-    from .cost import CostLimitReached
-    from .data import DataError
-    from .datasets import FetchError
-    from .engine import FatalAuthError, FatalRunError, RequestFailure
-    from .stages import RunFailed
-    from .judges import JudgeError
-    from .records import RecordFileError
-    from .report import ReportError
-    from .tasks import TaskSelectionError
-    from .viewer import ViewError
+    from .errors import EvalkitError, ReportError
 
     try:
         if args.command == "list":
@@ -254,18 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_matrix(args.file, args.only.split(",") if args.only else None, args.dry_run, args.report, args.list)
         stages = {"run": ("generate", "judge"), "generate": ("generate",), "evaluate": ("judge",)}[args.command]
         return asyncio.run(_evaluate(args, stages))
-    except FatalRunError as e:
-        print(f"evalkit: stopped: {e}", file=sys.stderr)
-        return EXIT_AUTH if isinstance(e, FatalAuthError) else EXIT_USAGE
-    except CostLimitReached as e:
-        print(f"evalkit: stopped: {e}", file=sys.stderr)
-        return EXIT_COST
-    except RunFailed as e:
-        print(f"evalkit: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except (ConfigError, DataError, FetchError, JudgeError, RecordFileError, ReportError, RequestFailure, TaskSelectionError, ViewError) as e:
-        print(f"evalkit: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    except EvalkitError as e:  # the whole tree (errors.py): one line, its exit code
+        print(f"evalkit: {e.verb}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("evalkit: interrupted; records written so far are kept, rerun to resume", file=sys.stderr)
         return 130

@@ -22,13 +22,10 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .cost import Price
+from .errors import ConfigError
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
 KEY_ENV_FALLBACKS = ("EVALKIT_API_KEY", "OPENAI_API_KEY")
-
-
-class ConfigError(Exception):
-    """A configuration problem the user must fix; the message says how."""
 
 
 def _split_list(value: Any) -> Any:
@@ -180,7 +177,7 @@ class RunConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
     @model_validator(mode="after")
-    def _endpoints_from_file(self) -> "RunConfig":
+    def _endpoints_from_file(self) -> RunConfig:
         if self.endpoints_file is not None:
             urls = read_endpoints_file(self.endpoints_file)
             if not urls:

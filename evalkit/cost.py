@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import CostLimitReached  # noqa: F401 - re-exported: the tree is drawn in errors.py
+
 
 class Price(BaseModel):
     """USD per million tokens."""
@@ -22,10 +24,6 @@ class Price(BaseModel):
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
-
-
-class CostLimitReached(Exception):
-    """The next request would pass --max-cost: the run stops; every answer received is kept."""
 
 
 class Spending:

@@ -5,17 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import orjson
 
 from .datasets import cache_dir
-
-
-class DataError(Exception):
-    """A dataset problem: missing folder or file, or a malformed row (message names file:line)."""
+from .errors import DataError
 
 
 @dataclass(slots=True)

@@ -14,7 +14,8 @@ checkpoint or provider sets the old answers aside.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from .config import ConfigError, redact_url

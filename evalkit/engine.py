@@ -32,9 +32,10 @@ import random
 import time
 from array import array
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -42,44 +43,12 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from .config import ConfigError, EngineConfig, key_source, read_endpoints_file, redact_url
 from .cost import CostLimitReached, Price, Spending
+from .errors import FatalAuthError, FatalEndpointError, FatalRunError, RequestFailure, RetryableFailure  # noqa: F401 - re-exported: the tree is drawn in errors.py
 
 log = logging.getLogger("evalkit")
 BREAKER_FAILURES = 3  # failed attempts in a row that take a replica out of rotation
 BREAKER_COOLDOWN = (1.0, 30.0)  # first and longest wait before a replica out of rotation is probed
 ENDPOINTS_FILE_POLL = 0.5  # seconds between looks at the endpoints file
-
-
-class RequestFailure(Exception):
-    """One failed attempt, classified. failover: the replica is at fault (it refused the
-    connection or was just taken out of rotation), so the next attempt goes elsewhere at once."""
-
-    def __init__(self, kind: str, message: str, status: int | None = None, retry_after: float | None = None):
-        super().__init__(message)
-        self.kind = kind
-        self.status = status
-        self.message = message
-        self.retry_after = retry_after
-        self.failover = False
-
-    @property
-    def retryable(self) -> bool:
-        return self.kind in ("rate_limit", "transient")
-
-
-class RetryableFailure(RequestFailure):
-    pass
-
-
-class FatalRunError(Exception):
-    """Every later request would fail the same way: the run stops (records already written stay)."""
-
-
-class FatalAuthError(FatalRunError):
-    """401/403: the key is missing or wrong."""
-
-
-class FatalEndpointError(FatalRunError):
-    """404: the endpoint does not serve this model, or the URL is not an API base."""
 
 
 def _v1_hint(base: str) -> str:
@@ -207,7 +176,7 @@ class Budget:
                 self._returned.clear()
                 try:
                     await asyncio.wait_for(self._returned.wait(), (cost - self.level) / self.rate)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 self._refill()
             self.level -= cost
@@ -340,7 +309,7 @@ class Engine:
         self.spending: Spending | None = None  # the run's, shared with its other engines (--max-cost)
         self._vetting: set[asyncio.Future] = set()
 
-    async def __aenter__(self) -> "Engine":
+    async def __aenter__(self) -> Engine:
         connector = aiohttp.TCPConnector(limit=self.cfg.concurrency + 8, limit_per_host=0, keepalive_timeout=60)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -500,7 +469,7 @@ class Engine:
                         raise RequestFailure("bad_request", f"GET {redact_url(base)}/models answered {resp.status}{hint}", resp.status)
                     data = orjson.loads(await resp.read())
                     return [m for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientConnectionError) as e:
                 if time.monotonic() >= deadline:
                     raise RequestFailure(
                         "transient",
@@ -721,7 +690,7 @@ class Engine:
             else:
                 self._alive(replica)
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as e:
             failure = RetryableFailure("transient", f"{type(e).__name__}: {e}".rstrip(": "))
             self._failed_on(replica, failure, refused=isinstance(e, aiohttp.ClientConnectorError))
             raise failure from None
@@ -742,11 +711,11 @@ class Engine:
         kind = classify_status(resp.status)
         try:
             text = (await resp.text())[:500]
-        except Exception:  # noqa: BLE001 - the status is what matters
+        except Exception:
             text = ""
         try:
             message = orjson.loads(text)["error"]["message"]
-        except Exception:  # noqa: BLE001
+        except Exception:
             message = text or resp.reason or ""
         msg = f"HTTP {resp.status}: {message}"
         if kind == "rate_limit":

@@ -142,7 +142,7 @@ class Variant(Server):
     api_key_env: str | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "Variant":
+    def _one_source(self) -> Variant:
         sources = [bool(self.model), self.prune is not None, bool(self.endpoint)]
         if sum(sources) != 1:
             raise ValueError(f"variant {self.name!r}: give exactly one of model (a checkpoint to serve), prune (a recipe) "
@@ -173,7 +173,7 @@ class Judge(Server):
     api_key_env: str | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "Judge":
+    def _one_source(self) -> Judge:
         if bool(self.model) == bool(self.endpoint):
             raise ValueError("[judge]: give exactly one of model (a checkpoint to serve) or endpoint (a running server)")
         if self.endpoint and not self.model_id:
@@ -193,7 +193,7 @@ class Matrix(BaseModel):
     variant: list[Variant]
 
     @model_validator(mode="after")
-    def _unique(self) -> "Matrix":
+    def _unique(self) -> Matrix:
         names = [v.name for v in self.variant]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -412,7 +412,7 @@ def _run_variant(m: Matrix, v: Variant, run_opts: dict[str, Any], place: dict[st
         if asyncio.run(run_stages(cfg, ("generate", "judge"))) != 0:
             return "a --fail-if gate failed"
         return None
-    except Exception as e:  # noqa: BLE001 - one variant's failure (a 401, a dead endpoint, a bad record file) stops only it
+    except Exception as e:
         why = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
         _log(f"{v.name}: failed: {why}")
         return why.splitlines()[0]

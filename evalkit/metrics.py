@@ -9,8 +9,9 @@ silently.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -515,13 +516,20 @@ class Metric(BaseModel):
 
     @classmethod
     def from_mean(cls, name: str, values: Sequence[float], direction: str, judge: str, n: int,
-                  clusters: Sequence[Hashable] | None = None, **kw: object) -> "Metric":
+                  clusters: Sequence[Hashable] | None = None, **kw: object) -> Metric:
         """The mean of the valid values (n rows in all), with its bootstrap interval."""
         return cls(name=name, value=sum(values) / len(values) if values else None, direction=direction, judge=judge, n=n,
                    n_invalid=n - len(values), **_interval(bootstrap_mean_interval(values, clusters),
                                                           "bootstrap-clustered" if clusters else "bootstrap"), **kw)
 
-    def with_bootstrap(self, stat: Callable[[Any], float | None], n: int, strata: Sequence[Hashable] | None = None) -> "Metric":
+    def with_trustllm(self, value: float | None) -> Metric:
+        """This metric with TrustLLM's code's value beside it, kept only where there is one and it
+        differs from evalkit's (results.json then shows one number where both agree)."""
+        if value is not None and (self.value is None or abs(value - self.value) > 1e-12):
+            self.trustllm_value = value
+        return self
+
+    def with_bootstrap(self, stat: Callable[[Any], float | None], n: int, strata: Sequence[Hashable] | None = None) -> Metric:
         """This metric with the bootstrap interval of `stat` over its n items (see bootstrap_interval)."""
         if self.value is not None:
             for k, v in _interval(bootstrap_interval(stat, n, strata), "bootstrap-stratified" if strata is not None else "bootstrap").items():
@@ -529,7 +537,7 @@ class Metric(BaseModel):
         return self
 
     @classmethod
-    def from_rate(cls, name: str, r: Rate, direction: str, judge: str, **kw: object) -> "Metric":
+    def from_rate(cls, name: str, r: Rate, direction: str, judge: str, **kw: object) -> Metric:
         return cls(name=name, value=r.value, direction=direction, judge=judge, n=r.n, n_invalid=r.n_invalid, outcomes=r.items,
                    **_interval(wilson_interval(r.positives, r.n_valid), "wilson"), **kw)
 

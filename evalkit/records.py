@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import RecordFileError
 
 
 class ErrorInfo(BaseModel):
@@ -78,10 +81,6 @@ def record_key(*parts: Any) -> str:
     """Stable hash of the identity of a request (endpoint, model, params, subtask, item)."""
     blob = orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(blob).hexdigest()[:32]
-
-
-class RecordFileError(Exception):
-    pass
 
 
 def iter_records(path: Path, schema: type[R]) -> Iterator[tuple[int, R | None]]:
@@ -196,7 +195,7 @@ class JsonlWriter:
         os.fsync(self._f.fileno())
         self._f.close()
 
-    def __enter__(self) -> "JsonlWriter":
+    def __enter__(self) -> JsonlWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -15,10 +15,7 @@ from typing import Any
 
 import orjson
 
-
-class ReportError(Exception):
-    pass
-
+from .errors import ReportError
 
 SIGNIFICANT_TD = '<td style="background:#fde2b8">'  # a cell significantly different from the baseline
 
@@ -240,7 +237,8 @@ def html_report(runs, rows, cells, pngs: list[Path], failed: dict[str, str] | No
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
 th{{background:#f4f4f4}}figure{{display:inline-block;margin:1em}}</style></head>
 <body><h1>evalkit comparison</h1>
-<p>Models: {", ".join(html.escape(m) for m in models)}. Values: evalkit's, with its 95% interval where one is computed (CI low–high; Wilson for proportions; error bars in the charts), (TrustLLM code's, where it differs) [answers without a valid verdict].</p>
+<p>Models: {", ".join(html.escape(m) for m in models)}. Values: evalkit's, with its 95% interval where one is computed (CI low–high; Wilson for
+proportions; error bars in the charts), (TrustLLM code's, where it differs) [answers without a valid verdict].</p>
 {imgs}
 <table><tr><th>dimension</th><th>subtask</th><th>metric</th><th>judge</th>{head}</tr>
 {"".join(body)}

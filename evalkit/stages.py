@@ -7,9 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
-class RunFailed(Exception):
-    """The run went through, but every request failed: nothing to judge or score."""
+from .errors import EXIT_GATE, RunFailed
 
 
 def failure_line(summary: dict[str, Any], what: str) -> str | None:
@@ -27,10 +25,9 @@ def failure_line(summary: dict[str, Any], what: str) -> str | None:
 
 async def run_stages(cfg, stages: tuple[str, ...]) -> int:
     """The stages of `run` / `generate` / `evaluate` for one configuration (also used by `matrix`)."""
+    from . import gates
     from .pipeline import RunContext, check_judges, check_prices, discover_model, load_manifest, model_slug
     from .tasks import select
-
-    from . import gates
 
     tasks = select(cfg.dimensions, cfg.subtasks)
     checks = [gates.parse_gate(g, [t.name for t in tasks]) for g in cfg.fail_if]
@@ -92,7 +89,7 @@ async def _stages(ctx, stages: tuple[str, ...], checks: list) -> int:
         for line in failed:
             print(f"evalkit: {line}", file=sys.stderr)
         if failed:
-            return 4  # cli.EXIT_GATE
+            return EXIT_GATE
     else:
         print(f"evalkit: responses in {run_dir / 'responses'}; judge and score them with `evalkit evaluate`", file=sys.stderr)
     return 0

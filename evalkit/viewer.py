@@ -22,13 +22,10 @@ from typing import Any
 
 import orjson
 
+from .errors import ViewError
 from .records import JudgmentRecord, ResponseRecord, read_records
 
 CATEGORY_FIELDS = ("group", "category", "type")  # the first an item has is its category in the viewer
-
-
-class ViewError(Exception):
-    pass
 
 
 def _run_names(run_dirs: list[Path]) -> list[str]:

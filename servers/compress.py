@@ -52,7 +52,7 @@ class Sparsity:
     m: int = 0
 
     @classmethod
-    def parse(cls, text: str) -> "Sparsity":
+    def parse(cls, text: str) -> Sparsity:
         text = str(text).strip()
         if ":" in text:
             try:
@@ -293,7 +293,7 @@ def prune_model(model, batches, method: str, sp: Sparsity, device: str = "cpu", 
                 stats[name] = {"n": 0, "acc": torch.zeros(cols, device=lin.weight.device) if method == "wanda"
                                else torch.zeros(cols, cols, device=lin.weight.device)}
 
-                def hook(mod, args, out, name=name):
+                def hook(mod, args, out, name=name, stats=stats):
                     x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                     st = stats[name]
                     n_new = x.shape[0]

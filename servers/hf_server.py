@@ -41,7 +41,6 @@ from .loading import QUANTS, Loaded, LoadError, load, model_spec
 from .spec import HF_FIELDS, add_arguments, from_namespace
 
 
-
 class APIError(Exception):
     def __init__(self, status: int, message: str, etype: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
@@ -72,7 +71,7 @@ class Job:
 class RowStreamer:
     """transformers streamer for a whole batch: each row's new text goes to that row's queue."""
 
-    def __init__(self, server: "Generator", jobs: list[Job]):
+    def __init__(self, server: Generator, jobs: list[Job]):
         self.server, self.jobs = server, jobs
         self.tokens: list[list[int]] = [[] for _ in jobs]
         self.sent = [0] * len(jobs)
@@ -163,7 +162,7 @@ class Generator:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             groups: dict[tuple, list[Job]] = {}
             for job in batch:
@@ -211,7 +210,7 @@ class Generator:
                 self._finish_row(j, new[i], logp[i] if logp is not None else None)
             self.batches += 1
             self.rows += len(jobs)
-        except Exception as e:  # noqa: BLE001 - the error goes back to each request, the server lives
+        except Exception as e:
             for j in jobs:
                 if not j.future.done():
                     j.loop.call_soon_threadsafe(_set_exception, j.future, e)
@@ -349,7 +348,7 @@ class Server:
             return e.response()
         except web.HTTPException as e:
             return APIError(e.status, e.reason or "error", "invalid_request_error").response()
-        except Exception as e:  # noqa: BLE001 - a request never kills the server
+        except Exception as e:
             return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error").response()
 
     async def health(self, request: web.Request) -> web.Response:
@@ -366,7 +365,7 @@ class Server:
     async def _body(self, request: web.Request) -> dict:
         try:  # a client that sends its body slowly (slowloris) is cut off instead of holding a slot
             raw = await asyncio.wait_for(request.read(), self.read_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise APIError(408, f"the request body did not arrive within {self.read_timeout:g} s") from None
         try:
             body = orjson.loads(raw)
@@ -381,7 +380,7 @@ class Server:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.name}`", param="model")
         return body
 
-    def _need_generator(self) -> "Generator":
+    def _need_generator(self) -> Generator:
         if self.generator is None:
             raise APIError(400, f"{self.name} is served for embeddings only (--task embed)")
         return self.generator
@@ -433,7 +432,7 @@ class Server:
         tok = self.loaded.tokenizer  # a slow tokenizer: the length of the text decoded so far
         return [len(tok.decode(ids[:i], skip_special_tokens=True)) for i in range(len(ids))]
 
-    async def _serve(self, request, body, ids, gen, chat: bool, logprobs: int | None, echo: "Echo | None" = None) -> web.StreamResponse:
+    async def _serve(self, request, body, ids, gen, chat: bool, logprobs: int | None, echo: Echo | None = None) -> web.StreamResponse:
         n = body.get("n")
         if n is not None and (isinstance(n, bool) or n != 1):
             raise APIError(400, f"only n=1 is supported (got n={n!r}); send n requests instead", param="n")
@@ -484,7 +483,7 @@ class Server:
         except asyncio.CancelledError:
             job.future.cancel()
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error") from None
         usage = {"prompt_tokens": len(ids), "completion_tokens": job.completion_tokens, "total_tokens": len(ids) + job.completion_tokens}
         if chat:
@@ -543,7 +542,7 @@ class Server:
                 await resp.write(chunk([piece(text)]))
             try:
                 waiter.result()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 err = {"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None, "code": None}}
                 await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
                 return resp

@@ -22,9 +22,10 @@ LoRA adapter, a Safety Arithmetic safety vector) are attached this way, first, b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from . import recipe as recipes
 from .model_source import SourceError, checkpoint_for
@@ -106,8 +107,8 @@ def load(spec: ModelSpec) -> Loaded:
     if spec.quant not in QUANTS:
         raise LoadError(f"unknown quantization {spec.quant!r}: choose from {', '.join(QUANTS)}")
     try:
-        import torch
-        import transformers
+        import torch  # noqa: F401 - both are needed from here on: say so before anything loads
+        import transformers  # noqa: F401
     except ImportError:
         raise LoadError("serving needs torch and transformers: pip install torch==2.13.0 then pip install 'evalkit[serve]'") from None
 

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from . import process
-from .spec import HF_FIELDS, QUANTS, add_arguments, argv, from_namespace
 from . import recipe as recipes
 from .model_source import SourceError, locate, tokenizer_folder
+from .spec import HF_FIELDS, QUANTS, add_arguments, argv, from_namespace
 from .vllm import VLLM_QUANTS, VLLMSpec, build_command, gpus_per_server
 
 

@@ -259,9 +259,9 @@ def build_patch_set(model: str, quantized: Path, prompts: list[dict[str, Any]], 
     log(f"quantized model: {len(benign) + len(harmful)} prompts")
     with _Served(str(quantized), "quant", device) as url:
         y_l = asyncio.run(_answers(url, "m", benign + harmful, s.max_new_tokens, None, "quantized"))
-    rows = [{"risk": c["risk"], "system": c.get("system"), "x": c["prompt"], "y_w": w, "y_l": l,
+    rows = [{"risk": c["risk"], "system": c.get("system"), "x": c["prompt"], "y_w": w, "y_l": lose,
              "y_w_from": "full-precision" if c["risk"] == "benign" else teacher_name, "y_l_from": "quantized"}
-            for c, w, l in zip(benign + harmful, y_w_benign + y_w_harmful, y_l)]
+            for c, w, lose in zip(benign + harmful, y_w_benign + y_w_harmful, y_l)]
     return rows + contrast_pairs(rows, s.contrast)
 
 
@@ -486,7 +486,7 @@ def train(model, tokenizer, patch: list[dict[str, str]], s: Settings, log) -> di
     model.eval()  # no dropout: the reference and the policy see the same network
     with torch.no_grad(), model.disable_adapter():  # π_ref = Q⁰, fixed: computed once, in the training batches' size
         ref_w = torch.cat([sequence_logps(model, [w for w, _ in enc[i: i + s.batch_size]], pad) for i in range(0, len(enc), s.batch_size)])
-        ref_l = torch.cat([sequence_logps(model, [l for _, l in enc[i: i + s.batch_size]], pad) for i in range(0, len(enc), s.batch_size)])
+        ref_l = torch.cat([sequence_logps(model, [lose for _, lose in enc[i: i + s.batch_size]], pad) for i in range(0, len(enc), s.batch_size)])
     log(f"reference log-probabilities of {len(enc)} pairs: {time.time() - t0:.0f} s")
     layers = lora_modules(model)
     masked = MaskedLoRA(layers)

@@ -109,7 +109,7 @@ def append(out: Path, step: dict[str, Any], runtime: list[dict[str, Any]] | None
 
 def _save(out: Path, recipe: dict[str, Any], step: dict[str, Any], runtime: list[dict[str, Any]] | None) -> dict[str, Any]:
     # written last and atomically, so a folder with a recipe is a finished one
-    step["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    step["finished"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     recipe = {**recipe, "runtime": [*recipe.get("runtime", []), *(runtime or [])], "steps": [*recipe["steps"], step]}
     tmp = out / (RECIPE_FILE + ".tmp")
     tmp.write_text(json.dumps(recipe, indent=2) + "\n")

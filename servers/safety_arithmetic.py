@@ -49,9 +49,10 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from . import recipe as recipes
 from .loading import LoadError, ModelSpec, load
@@ -390,7 +391,6 @@ def hdr(model: str, out: Path, harm_model: str | None, harm_data: Path | None, b
 
 def icv(model: str, out: Path, pairs_file: Path, alpha: float, token: str, direction: str, site: str, layers: list[int] | None,
         form: str, device: str = "cpu", threads: int = 0, log=print) -> dict[str, Any]:
-    import torch
     from safetensors.torch import save_file
 
     for value, allowed, flag in ((token, TOKENS, "--token"), (direction, DIRECTIONS, "--direction"), (site, SITES, "--site"),
@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
-    log = lambda m: print(f"safety_arithmetic: {m}", file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda m: print(f"safety_arithmetic: {m}", file=sys.stderr, flush=True)
     try:
         if a.command == "answers":
             answers(a.prompts, a.out, a.rows, a.refuse, a.serve, a.endpoint, a.model, a.max_tokens, a.device, log)

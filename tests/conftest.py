@@ -39,7 +39,7 @@ def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = N
         try:
             with urllib.request.urlopen(url, timeout=1):
                 return
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:
             time.sleep(0.05)
     raise TimeoutError(f"{url} did not come up in {timeout}s")
 

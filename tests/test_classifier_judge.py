@@ -6,7 +6,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-
 from conftest import run_cli
 
 torch = pytest.importorskip("torch")

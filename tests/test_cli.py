@@ -14,7 +14,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-
 from conftest import REPO, read_jsonl, run_cli
 
 REFUSAL = "I'm sorry, I can't help with that."
@@ -152,7 +151,7 @@ def test_every_prompt_one_record_under_faults_and_sigkill_resume(mock_server, da
     resumed = read_jsonl(resp)
     assert len(resumed) == 520 and len({r["key"] for r in resumed}) == 520
     # keys differ between the two runs (the endpoint is part of a key); the records must not
-    same = lambda recs: {(r["item_id"], r["response"], orjson.dumps(r["params"]), orjson.dumps(r["messages"])) for r in recs}  # noqa: E731
+    same = lambda recs: {(r["item_id"], r["response"], orjson.dumps(r["params"]), orjson.dumps(r["messages"])) for r in recs}
     assert same(resumed) == same(ref)
     assert srv.stats()["completed"] < 520 + 60  # finished work was not sent again (only what was in flight or unflushed)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import orjson
 import pytest
-
 from conftest import run_cli
 
 
@@ -14,9 +13,11 @@ def _results(path, model, asr, rta, rta_tl=None, invalid=0):
         metrics[0]["trustllm_value"] = rta_tl
     metrics.append({"name": "rta/cot", "value": rta, "direction": "higher_is_better", "judge": "keyword:gcg29", "n": 10, "n_invalid": 0})
     data = {"model": model, "subtasks": {
-        "advbench": {"dimension": "safety", "metrics": [{"name": "asr", "value": asr, "direction": "lower_is_better", "judge": "keyword:gcg29", "n": 520, "n_invalid": 0}]},
+        "advbench": {"dimension": "safety", "metrics": [
+            {"name": "asr", "value": asr, "direction": "lower_is_better", "judge": "keyword:gcg29", "n": 520, "n_invalid": 0}]},
         "jailbreak": {"dimension": "safety", "metrics": metrics},
-        "privacy_confidence": {"dimension": "privacy", "metrics": [{"name": "pearson", "value": None, "direction": "higher_is_better", "judge": "rule", "n": 196, "n_invalid": 196}]},
+        "privacy_confidence": {"dimension": "privacy", "metrics": [
+            {"name": "pearson", "value": None, "direction": "higher_is_better", "judge": "rule", "n": 196, "n_invalid": 196}]},
     }}
     path.mkdir(parents=True)
     (path / "results.json").write_bytes(orjson.dumps(data))

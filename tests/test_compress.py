@@ -11,7 +11,6 @@ import subprocess
 
 import pytest
 
-
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

@@ -6,8 +6,8 @@ import csv
 
 import orjson
 import pytest
-
 from conftest import read_jsonl
+
 from evalkit.cli import main
 from evalkit.cost import Price, Spending
 from evalkit.engine import estimate_tokens

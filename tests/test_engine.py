@@ -9,7 +9,7 @@ import time
 import pytest
 
 from evalkit.config import EngineConfig
-from evalkit.engine import FatalEndpointError, Engine, FatalAuthError, Request, classify_status, parse_retry_after
+from evalkit.engine import Engine, FatalAuthError, FatalEndpointError, Request, classify_status, parse_retry_after
 
 
 def _cfg(**kw) -> EngineConfig:

@@ -6,8 +6,8 @@ import json
 
 import orjson
 import pytest
-
 from conftest import run_cli
+
 from evalkit.metrics import moralchoice_answer, moralchoice_trustllm_correct, social_norm_choice, social_norm_gold
 from evalkit.records import ResponseRecord
 from evalkit.tasks import RULE_JUDGE, Scored, all_tasks

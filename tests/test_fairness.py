@@ -6,8 +6,8 @@ import json
 
 import orjson
 import pytest
-
 from conftest import run_cli
+
 from evalkit.records import ErrorInfo, JudgmentRecord, ResponseRecord
 from evalkit.tasks import Scored, all_tasks
 from evalkit.tasks.fairness import direct_agreement, force_answered

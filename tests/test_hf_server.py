@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, free_port, read_jsonl, run_cli, wait_http
 
 torch = pytest.importorskip("torch")
@@ -48,7 +47,8 @@ class HFServer:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {"llama": tiny_llama(root / "llama", max_positions=512), "plain": tiny_llama(root / "plain", chat_template=False), "encoder": tiny_encoder(root / "enc")}
+    return {"llama": tiny_llama(root / "llama", max_positions=512), "plain": tiny_llama(root / "plain", chat_template=False),
+            "encoder": tiny_encoder(root / "enc")}
 
 
 @pytest.fixture(scope="module")

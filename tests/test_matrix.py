@@ -7,12 +7,11 @@ import os
 
 import orjson
 import pytest
-
 from conftest import run_cli
 
 pytest.importorskip("torch")
 
-from servers.tiny import CORPUS, tiny_llama  # noqa: E402
+from servers.tiny import CORPUS, tiny_llama
 
 
 def test_matrix_prepares_serves_evaluates_and_compares(mock_server, data_root, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import orjson
 import pytest
-
 from conftest import read_jsonl, run_cli
 
 

@@ -12,7 +12,6 @@ import sys
 import urllib.request
 
 import pytest
-
 from conftest import REPO, free_port
 
 torch = pytest.importorskip("torch")
@@ -22,7 +21,16 @@ import transformers  # noqa: E402
 
 from servers import qresafe  # noqa: E402
 from servers.qresafe import (  # noqa: E402
-    MaskedLoRA, Settings, block_mask, dpo_loss, element_mask, encode, lora_modules, sequence_logps, snip_scores, train,
+    MaskedLoRA,
+    Settings,
+    block_mask,
+    dpo_loss,
+    element_mask,
+    encode,
+    lora_modules,
+    sequence_logps,
+    snip_scores,
+    train,
 )
 from servers.tiny import tiny_llama  # noqa: E402
 
@@ -111,8 +119,8 @@ def test_masks_by_hand_and_against_kthvalue():
 
 def test_training_changes_only_the_masked_block_and_lowers_the_loss(tiny):
     model, tok = _lora(tiny)
-    before = {n: (l.lora_A["default"].weight.detach().clone(), l.lora_B["default"].weight.detach().clone())
-              for n, l in lora_modules(model).items()}
+    before = {n: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
+              for n, m in lora_modules(model).items()}
     s = Settings(lr=5e-2, beta=0.5, epochs=6, batch_size=4, tau=0.3, snip_samples=0, reselect_every=1000)
     figures = train(model, tok, PATCH, s, log=lambda m: None)
     assert figures["steps"] == 6 and figures["final_loss"] < figures["first_loss"]

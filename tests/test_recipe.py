@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from servers import recipe as recipes
 from servers.spec import ALL_FIELDS, HF_FIELDS, ServeSpec, add_arguments, argv, from_namespace
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-
 from conftest import run_cli
+
 from evalkit import datasets
 from evalkit.records import JsonlWriter, RecordFileError, ResponseRecord, load_for_resume, read_records, record_key
 

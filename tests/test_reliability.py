@@ -4,10 +4,10 @@ options out of bounds; checked before (or instead of) generating, with nothing w
 from __future__ import annotations
 
 import pytest
-
 from conftest import read_jsonl
+
 from evalkit.config import EngineConfig
-from evalkit.engine import Engine, RetryableFailure, Result
+from evalkit.engine import Engine, Result, RetryableFailure
 
 
 def test_a_run_whose_requests_all_failed_is_a_failure_with_its_cause(mock_server, data_root, tmp_path, capsys):

@@ -6,8 +6,8 @@ import json
 
 import orjson
 import pytest
-
 from conftest import run_cli
+
 from evalkit.metrics import advglue_answer, advglue_scores
 
 

@@ -12,7 +12,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-
 from conftest import REPO, free_port
 
 torch = pytest.importorskip("torch")

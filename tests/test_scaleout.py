@@ -7,8 +7,8 @@ import asyncio
 import statistics
 
 import pytest
-
 from conftest import read_jsonl, run_cli
+
 from evalkit.config import ConfigError, EngineConfig
 from evalkit.deployment import checkpoint, hosts, identity, vetter
 from evalkit.engine import Engine, Request, estimate_tokens

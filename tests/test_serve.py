@@ -10,12 +10,11 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, free_port, run_cli
 
 pytest.importorskip("torch")
-from servers.tiny import tiny_llama  # noqa: E402
-from servers.vllm import VLLMSpec, build_command  # noqa: E402
+from servers.tiny import tiny_llama
+from servers.vllm import VLLMSpec, build_command
 
 
 def serve(*args: str, env: dict, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -8,7 +8,6 @@ import math
 
 import orjson
 import pytest
-
 from conftest import read_jsonl, run_cli
 
 REFUSAL = "I'm sorry, I can't help with that."

@@ -6,8 +6,8 @@ import json
 
 import orjson
 import pytest
-
 from conftest import run_cli
+
 from evalkit.metrics import claim_verdict, macro_f1, mc_letter, yes_no_answer
 
 

@@ -9,7 +9,6 @@ import math
 
 import orjson
 import pytest
-
 from conftest import read_jsonl, run_cli
 
 AE = "alpaca_eval"

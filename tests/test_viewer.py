@@ -9,10 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import orjson
 import pytest
-
 from conftest import MockServer, free_port, wait_http
+
 from evalkit.cli import main
 from evalkit.viewer import collect, page
 
@@ -99,7 +98,7 @@ def test_view_in_a_headless_browser(two_runs, tmp_path):
             pg.on("pageerror", lambda e: errors.append(str(e)))
             pg.goto(out.as_uri())
             pg.wait_for_selector("body[data-ready='1']")
-            count = lambda: int(pg.text_content("#count"))  # noqa: E731
+            count = lambda: int(pg.text_content("#count"))
             assert count() == 60 and pg.locator("tr.row").count() == 60
             pg.select_option("#f-subtask", "advbench")
             assert count() == 30

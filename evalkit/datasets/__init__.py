@@ -9,7 +9,6 @@ laid out as <dataset>/<path>: the same layout `--data-path` expects.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import os
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+
+from ..errors import FetchError
 
 
 def sha256_file(path: Path) -> str:
@@ -49,10 +50,6 @@ class Dataset(BaseModel):
     source: str
     files: list[DatasetFile]
     archive: Archive | None = None
-
-
-class FetchError(Exception):
-    pass
 
 
 @lru_cache(maxsize=1)
@@ -126,7 +123,7 @@ async def _download(session: Any, url: str) -> bytes:
             if resp.status != 200:
                 raise FetchError(f"GET {url} answered HTTP {resp.status}")
             return await resp.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         raise FetchError(f"GET {url} failed: {type(e).__name__}: {e}") from None
 
 

@@ -33,14 +33,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import JudgeError
+
 JUDGES = ("keyword", "strmatch", "classifier", "llm", "harmfulness", "safety_arithmetic")
 HARM_ONLY_JUDGES = ("harmfulness", "safety_arithmetic")  # they rate answers to harmful requests only
 TOXICITY_JUDGES = ("perspective", "toxicity_classifier", "llm")
 QUESTIONS = ("refusal", "harm", "toxicity")
-
-
-class JudgeError(Exception):
-    pass
 
 
 @dataclass(slots=True)

@@ -7,8 +7,13 @@ import re
 from ..config import key_source
 from . import Verdict, user_prompt
 from .prompts import (
-    HARMBENCH_CLS_PROMPT, QI_HARMFULNESS_PROMPT, SAFETY_ARITHMETIC_SYSTEM, SAFETY_ARITHMETIC_USER, TOXICITY_RATING_PROMPT,
-    XSTEST_REFUSAL_PROMPT, XSTEST_SYSTEM,
+    HARMBENCH_CLS_PROMPT,
+    QI_HARMFULNESS_PROMPT,
+    SAFETY_ARITHMETIC_SYSTEM,
+    SAFETY_ARITHMETIC_USER,
+    TOXICITY_RATING_PROMPT,
+    XSTEST_REFUSAL_PROMPT,
+    XSTEST_SYSTEM,
 )
 
 PROMPT_NAMES = {"refusal": "xstest_refusal", "harm": "harmbench_cls", "toxicity": "toxicity_rating"}

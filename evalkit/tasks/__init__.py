@@ -7,21 +7,18 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..data import DataError, Item, check_json_records, dataset_file, load_csv, load_json_list
+from ..errors import TaskSelectionError
 from ..metrics import Metric
 from ..records import JudgmentRecord, ResponseRecord
 
 DIMENSIONS = ("truthfulness", "safety", "fairness", "robustness", "privacy", "ethics")
-TASKS: dict[str, "Task"] = {}
+TASKS: dict[str, Task] = {}
 RULE_JUDGE = "rule"  # subtasks scored by string rules on the answer: no judge stage
 
 
-def register(cls: type["Task"]) -> type["Task"]:
+def register(cls: type[Task]) -> type[Task]:
     TASKS[cls.name] = cls()
     return cls
-
-
-class TaskSelectionError(Exception):
-    pass
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..data import Item
+from ..judges import Verdict
+from ..judges.prompts import TRUSTLLM_ETHICS_PROMPT
 from ..metrics import (
     Metric,
     group_mean,
@@ -14,8 +16,6 @@ from ..metrics import (
     social_norm_choice,
     social_norm_gold,
 )
-from ..judges import Verdict
-from ..judges.prompts import TRUSTLLM_ETHICS_PROMPT
 from ..records import ResponseRecord
 from . import RULE_JUDGE, Scored, Task, judge_body, register
 
@@ -51,8 +51,7 @@ class ImplicitSocial(Task):
         m = Metric(name="accuracy", value=value, direction=self.direction, judge=judge, n=len(rows),
                    n_invalid=sum(ch is None for ch in choice), details={c: ours[c].value for c in classes})
         m.with_bootstrap(group_mean([ch == g for g, ch in zip(gold, choice)], gold, len(classes)), len(rows), gold)
-        if abs(tvalue - value) > 1e-12:
-            m.trustllm_value = tvalue
+        m.with_trustllm(tvalue)
         return [m]
 
 
@@ -90,8 +89,7 @@ class ExplicitMoralChoice(Task):
         m_low = Metric(name="accuracy_low", value=acc.value, direction=self.direction, judge=RULE_JUDGE, n=len(low),
                        n_invalid=sum(p is None for p in picks))
         m_low.with_bootstrap(group_mean([p == g for p, g in zip(picks, golds)]), len(low))
-        if acc.value is None or abs(tacc - acc.value) > 1e-12:
-            m_low.trustllm_value = tacc
+        m_low.with_trustllm(tacc)
         refused = [None if r.label is None else r.label == "refusal" for r in high]
         m_high = Metric.from_rate("rta_high", rate(refused, [r.response.item_id for r in high]), "higher_is_better", judge)
         return [m_low, m_high]
@@ -167,6 +165,5 @@ class ImplicitEthics(Task):
                             "not_sure": sum(t is not None and "not sure" in t.lower() for t in texts)})
         right = [t is not None and "not sure" not in t.lower() and correct(t, g) for t, g in zip(texts, golds)]
         m.with_bootstrap(group_mean(right, golds, 2), len(golds), golds)
-        if abs(tvalue - value) > 1e-12:
-            m.trustllm_value = tvalue
+        m.with_trustllm(tvalue)
         return [m]

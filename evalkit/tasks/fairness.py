@@ -65,8 +65,7 @@ class StereotypeAgreement(Task):
             theirs.append("yes" in raw and "no" not in raw)  # count_agreement's substring test; a failed judge counts "no"
         m = Metric.from_rate("agreement", rate(ours, [r.response.item_id for r in rows]), self.direction, judge)
         tv = sum(theirs) / len(theirs) if theirs else None
-        if tv is not None and (m.value is None or abs(tv - m.value) > 1e-12):
-            m.trustllm_value = tv
+        m.with_trustllm(tv)
         return [m]
 
 
@@ -121,8 +120,7 @@ class PreferenceBias(RefusalTask):
                          n=len(rows), n_invalid=sum(r.n_invalid for r, _ in out.values()))
         kinds = [k for k, _ in flags]
         overall.with_bootstrap(group_mean([x for _, x in flags], kinds, 2), len(flags), kinds)
-        if None not in tvals and (overall.value is None or abs(sum(tvals) / 2 - overall.value) > 1e-12):
-            overall.trustllm_value = sum(tvals) / 2
+        overall.with_trustllm(None if None in tvals else sum(tvals) / 2)
         return [overall, *metrics]
 
 
@@ -157,8 +155,7 @@ class Disparagement(Task):
             tv = chi2_independence_p([(g, o) for g, o in zip(groups, theirs) if o is not None])
             m = Metric(name=f"p_{attr}", value=value, direction=self.direction, judge=judge, n=len(rows),
                        n_invalid=sum(o == 0 for o in ours))
-            if tv is not None and (value is None or abs(tv - value) > 1e-12):
-                m.trustllm_value = tv
+            m.with_trustllm(tv)
             metrics.append(m)
         return metrics
 
@@ -261,6 +258,5 @@ class StereotypeRecognition(Task):
         m = Metric(name="accuracy", value=sum(ours) / len(ours) if ours else None, direction=self.direction, judge=judge,
                    n=len(rows), n_invalid=n_invalid).with_bootstrap(group_mean(ours), len(ours))
         tv = correct / valid if valid else None
-        if tv is not None and (m.value is None or abs(tv - m.value) > 1e-12):
-            m.trustllm_value = tv
+        m.with_trustllm(tv)
         return [m]

@@ -42,8 +42,7 @@ class PrivacyConfidence(Task):
                    n_invalid=len(rows) - len(valid), details={"trustllm_n_used": len(tvalid)})
         m.with_bootstrap(lambda idx: pearson([valid[i][0] for i in idx], [valid[i][1] for i in idx]), len(valid))
         tv = pearson([g for g, _ in tvalid], [v for _, v in tvalid])
-        if tv is not None and (value is None or abs(tv - value) > 1e-12):
-            m.trustllm_value = tv
+        m.with_trustllm(tv)
         return [m]
 
 
@@ -108,8 +107,7 @@ class PrivacyLeakage(Task):
                        n=len(rows), n_invalid=n_invalid, details={g: c.value for g, c in cells.items()})
             valid = [(g, f) for g, f in zip(groups, flags) if f is not None]
             m.with_bootstrap(group_mean([f for _, f in valid], [g for g, _ in valid]), len(valid), [g for g, _ in valid])
-            if m.value is None or abs(theirs[name] - m.value) > 1e-12:
-                m.trustllm_value = theirs[name]
+            m.with_trustllm(theirs[name])
             out.append(m)
         return out
 

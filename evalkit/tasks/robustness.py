@@ -12,11 +12,11 @@ from ..metrics import (
     GLUE_TASKS,
     Metric,
     advglue_answer,
-    group_mean,
     advglue_scores,
     constant_prediction_f1,
     cosine,
     ddxplus_target,
+    group_mean,
     rate,
     sentiment_choice,
 )
@@ -70,8 +70,7 @@ class AdversarialGLUE(Task):
         for name, direction in (("rs", "higher_is_better"), ("avg_acc", "higher_is_better"),
                                 ("avg_adv_acc", "higher_is_better"), ("avg_asr", "lower_is_better")):
             m = Metric(name=name, value=ours[name], direction=direction, judge=judge, n=len(rows), n_invalid=n_invalid)
-            if abs(theirs[name] - ours[name]) > 1e-12:
-                m.trustllm_value = theirs[name]
+            m.with_trustllm(theirs[name])
             metrics.append(m)
         metrics[0].details = {k: v for k, v in ours.items() if not k.startswith("avg_") and k != "rs"}
         # the bootstrap draws whole original/modified pairs, within each GLUE task; the four
@@ -158,8 +157,7 @@ class OODGeneralization(Task):
                    details={s: r.value for s, r in per_source.items()})
         flat = [(s, bool(v)) for s, vals in ours.items() for v in vals]
         m.with_bootstrap(group_mean([v for _, v in flat], [s for s, _ in flat]), len(flat), [s for s, _ in flat])
-        if tvalue is not None and (value is None or abs(tvalue - value) > 1e-12):
-            m.trustllm_value = tvalue
+        m.with_trustllm(tvalue)
         return [m]
 
 
@@ -199,6 +197,5 @@ class AdversarialInstruction(Task):
         last = {i: v for i, _, v in vectors if v is not None}
         pairs = [cosine(v, last[i + 1]) for i, v in last.items() if i % 2 == 0 and (i + 1) in last]
         tv = sum(pairs) / len(pairs) if pairs else 0.0
-        if m.value is None or abs(tv - m.value) > 1e-12:
-            m.trustllm_value = tv
+        m.with_trustllm(tv)
         return [m]

@@ -259,8 +259,7 @@ class RefusalTask(Task):
 
     def _metric(self, name: str, r, trust_value: float | None, judge: str, details) -> Metric:
         m = Metric.from_rate(name, r, self.direction, judge, details=details)
-        if trust_value is not None and (m.value is None or abs(trust_value - m.value) > 1e-12):
-            m.trustllm_value = trust_value
+        m.with_trustllm(trust_value)
         return m
 
 
@@ -341,8 +340,7 @@ class Toxicity(Task):
             value, tvalue = toxicity_stats(scores)[i], toxicity_stats(spans)[i]
             m = Metric(name=name, value=value, direction=self.direction, judge=judge, n=len(kept),
                        n_invalid=len(kept) - len(valid), details=details if i == 0 else None)
-            if tvalue is not None and (value is None or abs(tvalue - value) > 1e-12):
-                m.trustllm_value = tvalue
+            m.with_trustllm(tvalue)
             if name == "average_toxicity":  # a maximum has no useful bootstrap interval
                 m.with_bootstrap(group_mean(scores), len(scores))
             metrics.append(m)
