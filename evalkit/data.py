@@ -109,7 +109,7 @@ def load_question_file(path: Path) -> list[tuple[str, str | None, str | None]]:
     data = _parse_json(path, path.read_text(encoding="utf-8"))
     fix = "fix the file or fetch the dataset again"
     if isinstance(data, list):
-        out = [(q, None, None) for q in data]
+        out: list[tuple[str, str | None, str | None]] = [(q, None, None) for q in data]
     elif isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
         out = []
         for category, subs in data.items():

@@ -565,8 +565,8 @@ class Engine:
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
-                if t.exception() is not None:
-                    fatal.append(t.exception())
+                if (exc := t.exception()) is not None:
+                    fatal.append(exc)
         finally:
             for t in tasks:
                 t.cancel()

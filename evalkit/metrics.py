@@ -133,7 +133,7 @@ def group_mean(values: Sequence[float], groups: Sequence[Hashable] | None = None
     import numpy as np
 
     v = np.asarray(values, dtype=float)
-    codes = {g: i for i, g in enumerate(dict.fromkeys(groups))} if groups is not None else {None: 0}
+    codes: dict[Hashable, int] = {x: i for i, x in enumerate(dict.fromkeys(groups))} if groups is not None else {None: 0}
     g = np.array([codes[x] for x in groups], dtype=int) if groups is not None else np.zeros(len(v), dtype=int)
 
     def stat(idx: Any) -> float | None:
@@ -561,7 +561,7 @@ def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def win_rate(preferences: Sequence[float | None]) -> dict[str, float | int] | None:
+def win_rate(preferences: Sequence[float | None]) -> dict[str, Any] | None:
     """AlpacaEval's win rate of the model over the reference, from preferences in [1, 2]
     (2 = the model's output won, 1.5 = tie; a legacy 0 counts as a tie; None/NaN are dropped).
     win_rate and standard_error are percentages (sample std, ddof 1); discrete_win_rate counts

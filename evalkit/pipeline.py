@@ -292,7 +292,7 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
                 res.error_kind, res.error_message = "bad_response", str(e)
         if res.ok:
             rec["response"] = res.text
-            if task.turns > 1:
+            if task.turns > 1 and res.text is not None:
                 answers[req.key] = res.text
             if res.finish_reason is not None:
                 rec["finish_reason"] = res.finish_reason
@@ -441,7 +441,8 @@ async def judge(ctx: RunContext) -> dict[str, Any]:
     cfg = ctx.cfg
     started = time.time()
     judges: dict[str, Any] = {}
-    remote_work: dict[str, list[tuple[Task, str, ResponseRecord, str]]] = {}  # judge name -> task, identity, response, key
+    # judge name -> task, identity, response, context (another answer the judge compares with), key
+    remote_work: dict[str, list[tuple[Task, str, ResponseRecord, ResponseRecord | None, str]]] = {}
     writers: dict[str, JsonlWriter] = {}
     counts: dict[str, int] = {}
     summaries: dict[str, Any] = {}

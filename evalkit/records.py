@@ -74,7 +74,7 @@ class JudgmentRecord(BaseModel):
     created: float
 
 
-R = TypeVar("R", bound=BaseModel)
+R = TypeVar("R", ResponseRecord, JudgmentRecord)
 
 
 def record_key(*parts: Any) -> str:

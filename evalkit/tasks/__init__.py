@@ -34,10 +34,20 @@ class Scored:
         return self.response.error is None and self.response.response is not None
 
     @property
+    def answer(self) -> str:
+        """The answer's text ('' where there is none: read it where `answered` holds)."""
+        return self.response.response or ""
+
+    @property
     def label(self) -> str | None:
         if not self.answered or self.judgment is None or self.judgment.error is not None:
             return None
         return self.judgment.label
+
+    @property
+    def verdict(self) -> JudgmentRecord | None:
+        """The judgment where it holds a valid label (`label` is not None), else None."""
+        return self.judgment if self.label is not None else None
 
 
 class Task:
@@ -70,17 +80,20 @@ class Task:
         return (self.file,)
 
     def load(self, root: Path) -> list[Item]:
+        """The file's items, in file order; a row `item` turns into None is left out."""
         path = self.path(root)
+        rows: list[Any]
         if path.suffix == ".csv":
-            return [self.item(i, row) for i, row in enumerate(load_csv(path, self.required_fields()))]
-        rows, text = load_json_list(path)
-        check_json_records(path, rows, text, self.required_fields())
-        return [self.item(i, row) for i, row in enumerate(rows)]
+            rows = load_csv(path, self.required_fields())
+        else:
+            rows, text = load_json_list(path)
+            check_json_records(path, rows, text, self.required_fields())
+        return [it for i, row in enumerate(rows) if (it := self.item(i, row)) is not None]
 
     def required_fields(self) -> tuple[str, ...]:
         return ("prompt",)
 
-    def item(self, index: int, row: dict[str, Any]) -> Item:
+    def item(self, index: int, row: dict[str, Any]) -> Item | None:
         group = self.group_of(row)
         return Item(str(index), row["prompt"], {"group": group} if group else {})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..data import DataError, Item
@@ -61,7 +62,7 @@ class AdversarialGLUE(Task):
         n_invalid = 0
         for r in rows:
             x = r.response.item
-            answer = advglue_answer(r.response.response, x["glue_task"]) if r.answered else "Unknown"
+            answer = advglue_answer(r.answer, x["glue_task"]) if r.answered else "Unknown"
             correct = None if answer == "Unknown" else answer == GLUE_GOLD[x["glue_task"]].get(x["label"])
             n_invalid += correct is None
             items.append((x["glue_task"], x["pair"], x["variant"], correct))
@@ -87,8 +88,11 @@ class AdversarialGLUE(Task):
                                                        drop_unknown=False)
             return scored[idx.tobytes()]
 
+        def score_of(name: str) -> Callable[[Any], float | None]:
+            return lambda idx: resampled(idx)[name]
+
         for m in metrics:
-            m.with_bootstrap(lambda idx, name=m.name: resampled(idx)[name], len(keys), [t for t, _ in keys])
+            m.with_bootstrap(score_of(m.name), len(keys), [t for t, _ in keys])
         return metrics
 
 
@@ -140,9 +144,9 @@ class OODGeneralization(Task):
             else:
                 target = ddxplus_target(text)
                 if target is None:  # the judge decides; TrustLLM reads any "wrong" as incorrect, anything else as correct
-                    ok = r.judgment is not None and r.judgment.error is None
-                    mine = (r.judgment.label == "correct") if ok else None
-                    said = r.judgment.raw if r.judgment is not None else None  # None only when the call failed
+                    j = r.judgment
+                    mine = (j.label == "correct") if j is not None and j.error is None else None
+                    said = j.raw if j is not None else None  # None only when the call failed
                     their = said is not None and "wrong" not in said.lower()
                 else:
                     mine = their = gold.lower() in target.lower()
@@ -184,11 +188,12 @@ class AdversarialInstruction(Task):
         vectors = []  # (instruction id, variant, vector or None), in file order
         for r in sorted(rows, key=lambda r: int(r.response.item_id)):
             x = r.response.item
-            ok = r.answered and r.judgment is not None and r.judgment.error is None
-            vectors.append((x["instruction"], x["group"], (r.judgment.model_extra or {}).get("embedding") if ok else None))
+            j = r.judgment
+            ok = r.answered and j is not None and j.error is None
+            vectors.append((x["instruction"], x["group"], (j.model_extra or {}).get("embedding") if j is not None and ok else None))
         originals = {i: v for i, kind, v in vectors if kind == "original"}
         # ours: each perturbed instruction's answer against the answer to its own original instruction
-        sims = [None if v is None or originals.get(i) is None else cosine(v, originals[i]) for i, kind, v in vectors if kind != "original"]
+        sims = [None if v is None or (o := originals.get(i)) is None else cosine(v, o) for i, kind, v in vectors if kind != "original"]
         valid = [s for s in sims if s is not None]
         m = Metric.from_mean("similarity", valid, self.direction, judge, len(rows))
         m.n_invalid = len(sims) - len(valid)

@@ -129,13 +129,13 @@ class MTBench(Task):
         per_category: dict[str, list[float]] = {}
         metrics = []
         for name, part, n_extra in (("score", rows, missing_second), ("score_turn1", by_turn[1], 0), ("score_turn2", by_turn[2], missing_second)):
-            scores = [r.judgment.score for r in part if r.label is not None]
-            questions = [r.response.item["question_id"] for r in part if r.label is not None]  # a question's turns go together
+            rated = [(r, j.score) for r in part if (j := r.verdict) is not None and j.score is not None]
+            scores = [s for _, s in rated]
+            questions = [r.response.item["question_id"] for r, _ in rated]  # a question's turns go together
             details = None
             if name == "score":
-                for r in part:
-                    if r.label is not None:
-                        per_category.setdefault(r.response.item["category"], []).append(r.judgment.score)
+                for r, s in rated:
+                    per_category.setdefault(r.response.item["category"], []).append(s)
                 details = {"per_category": {c: mean(v) for c, v in sorted(per_category.items())},
                            "n_turn2_not_generated": missing_second}
             metrics.append(Metric.from_mean(name, scores, self.direction, judge, len(part) + n_extra,
@@ -261,18 +261,18 @@ class AlpacaEval(Task):
         return Verdict("preference", raw=result.text, score=3.0 - pref if switched else pref, extra=extra)
 
     def score(self, rows: list[Scored], judge: str) -> list[Metric]:
-        prefs = [r.judgment.score if r.label is not None else None for r in rows]
+        prefs = [j.score if (j := r.verdict) is not None else None for r in rows]
         wr = win_rate(prefs)
-        answered = [len(r.response.response) for r in rows if r.answered]
-        details = dict(wr or {})
+        answered = [len(r.answer) for r in rows if r.answered]
+        details: dict[str, Any] = dict(wr or {})
         details.pop("win_rate", None)
-        details["avg_length"] = round(mean(answered)) if answered else None
+        details["avg_length"] = round(sum(answered) / len(answered)) if answered else None
         details["reference"] = self.reference_file
         n_invalid = len(rows) - (wr["n_total"] if wr else 0)
         m = Metric(name="win_rate", value=wr["win_rate"] if wr else None, direction=self.direction, judge=judge,
                    n=len(rows), n_invalid=n_invalid, details=details)
         valid = [p for p in prefs if p is not None and p == p]
-        return [m.with_bootstrap(lambda idx: win_rate([valid[i] for i in idx])["win_rate"], len(valid))]
+        return [m.with_bootstrap(lambda idx: (win_rate([valid[i] for i in idx]) or {}).get("win_rate"), len(valid))]
 
 
 @register
@@ -302,7 +302,8 @@ class AlpacaEval2(AlpacaEval):
     def judge_read(self, result, response, context) -> Verdict:
         v = super().judge_read(result, response, context)
         try:  # keep the raw top logprobs: re-parsing needs no new judge call
-            v.extra["top_logprobs"] = result.raw["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+            if v.extra is not None:
+                v.extra["top_logprobs"] = result.raw["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
         except (KeyError, IndexError, TypeError):
             if v.label is None:
                 v.error = "judge reply has no top_logprobs: AlpacaEval 2.0 needs an endpoint that returns logprobs"
