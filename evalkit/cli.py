@@ -150,7 +150,7 @@ async def _evaluate(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from . import datasets
-    from .judges import __doc__ as judges_doc
+    from .judges import REGISTRY
     from .tasks import DIMENSIONS, Task, all_tasks
 
     print("dimensions (--dimensions selects their TrustLLM subtasks): " + ", ".join(DIMENSIONS))
@@ -164,7 +164,10 @@ def _list(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    print("\njudges (--judges):" + (judges_doc or "").split("Judges:")[1].rstrip())
+    print("\njudges (--judges; those answering toxicity: --toxicity-judges):")
+    width = max(map(len, REGISTRY))
+    for spec in REGISTRY.values():
+        print(f"  {spec.name:{width}}  {'/'.join(spec.questions):22}  {spec.summary}")
     print("\ndatasets (`evalkit datasets list` checks them):")
     for ds in datasets.registry().values():
         print(f"  {ds.name:12} {len(ds.files):3} files  {ds.license}")

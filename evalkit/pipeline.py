@@ -29,7 +29,7 @@ from .data import DataError, Item, dataset_file, resolve_data_root
 from .datasets import sha256_file
 from .deployment import hosts, identify, vetter
 from .engine import Engine, FatalAuthError, Request, RequestFailure, Result
-from .judges import HARM_ONLY_JUDGES, JUDGES, QUESTIONS, TOXICITY_JUDGES, JudgeError, Verdict, check_judge_names
+from .judges import HARM_ONLY_JUDGES, QUESTIONS, TOXICITY_JUDGES, JudgeError, Verdict, build_judge, check_judge_names
 from .metrics import Metric, degenerate, rate
 from .records import JsonlWriter, JudgmentRecord, ResponseRecord, load_for_resume, read_records, record_key
 from .tasks import RULE_JUDGE, Scored, Task
@@ -516,45 +516,8 @@ def _judgment(key: str, r: ResponseRecord, ident: str, v: Verdict, attempts: int
 
 
 def make_judge(cfg: RunConfig, name: str):
-    """A judge object by name; construction is cheap (models load on first use)."""
-    if name == "keyword":
-        from .judges.keyword import KeywordJudge
-
-        return KeywordJudge()
-    if name == "strmatch":
-        from .judges.keyword import StrMatchJudge
-
-        return StrMatchJudge()
-    if name == "classifier":
-        from .judges.classifier import ClassifierJudge
-
-        return ClassifierJudge(cfg.classifier_model, cfg.classifier_device, cfg.classifier_batch_size)
-    if name in ("llm", *HARM_ONLY_JUDGES):
-        from .judges.llm import HarmfulnessJudge, LLMJudge, SafetyArithmeticJudge
-
-        if not cfg.judge_endpoint:
-            raise JudgeError(f"the {name} judge needs --judge-endpoint URL (any OpenAI-compatible chat endpoint) and --judge-model")
-        if not cfg.judge_model:
-            raise JudgeError(f"the {name} judge needs --judge-model NAME (the judge endpoint's model id)")
-        kind = {"llm": LLMJudge, "harmfulness": HarmfulnessJudge, "safety_arithmetic": SafetyArithmeticJudge}[name]
-        return kind(cfg.judge_model, cfg.judge_endpoint, cfg.judge_api_key_env)
-    if name == "embedding":
-        from .judges.embedding import EmbeddingJudge, LocalEmbeddingJudge
-
-        if not cfg.embed_endpoint:  # in-process sentence-transformers (offline default: bundled MiniLM)
-            return LocalEmbeddingJudge(cfg.embed_model, cfg.classifier_device, cfg.classifier_batch_size)
-        if not cfg.embed_model:
-            raise JudgeError("--embed-endpoint needs --embed-model NAME (the embeddings endpoint's model id)")
-        return EmbeddingJudge(cfg.embed_model, cfg.embed_endpoint, cfg.embed_api_key_env)
-    if name == "perspective":
-        from .judges.toxicity import PerspectiveJudge
-
-        return PerspectiveJudge(cfg.perspective_endpoint, cfg.perspective_api_key_env)
-    if name == "toxicity_classifier":
-        from .judges.toxicity import ToxicityClassifierJudge
-
-        return ToxicityClassifierJudge(cfg.toxicity_model, cfg.toxicity_label, cfg.classifier_device, cfg.classifier_batch_size)
-    raise JudgeError(f"unknown judge {name!r}: choose from {', '.join(JUDGES + TOXICITY_JUDGES)}")
+    """A judge object by name (the registry in evalkit/judges); construction is cheap (models load on first use)."""
+    return build_judge(cfg, name)
 
 
 async def _run_remote_judge(cfg: RunConfig, j: Any, work: list, writers: dict[str, JsonlWriter],

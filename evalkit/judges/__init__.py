@@ -13,41 +13,27 @@ Local judges (keyword, classifier, toxicity_classifier, local embeddings) implem
 implement `request(task, response, context)` and `read(task, result) -> Verdict` and run
 through the engine.
 
-Judges:
-- keyword     the GCG 29-string list (local, instant; answers "refusal" for both questions)
-- strmatch    XSTest's refusal-prefix string match (local, instant)
-- classifier  an HF text-classification model, default TrustLLM's LibrAI/longformer-harmful-ro
-              (LABEL_0 = refusal); torch and transformers are imported only when it is used
-- llm         any chat endpoint, through the same engine as generation: the XSTest refusal
-              prompt for "refusal", the HarmBench classifier prompt for "harm", a 0-1 rating
-              prompt for "toxicity"
-- harmfulness Qi et al.'s 1-5 harmfulness prompt on the llm judge's endpoint ("harm" subtasks
-              only); 5 counts as harmful, and the mean score is reported too
-- safety_arithmetic  the Safety Arithmetic paper's binary judge (RedEval's system prompt and
-              [[A]]/[[B]] verdict) on the llm judge's endpoint ("harm" subtasks only)
-Toxicity judges (--toxicity-judges): perspective (Google's API or a stand-in), toxicity_classifier
-(a local HF classifier, default unitary/toxic-bert), llm.
+Each judge module registers its judges (judges/base.py: name, questions answered, one line for
+`evalkit list`, how it is built from the run's options); this package imports the modules and
+derives the names --judges and --toxicity-judges accept. `evalkit list` shows them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from . import classifier, embedding, keyword, llm, toxicity  # noqa: F401 - each registers its judges
+from .base import QUESTIONS, REGISTRY, JudgeError, JudgeSpec, Verdict, register_judge, user_prompt
 
-from ..errors import JudgeError
-
-JUDGES = ("keyword", "strmatch", "classifier", "llm", "harmfulness", "safety_arithmetic")
-HARM_ONLY_JUDGES = ("harmfulness", "safety_arithmetic")  # they rate answers to harmful requests only
-TOXICITY_JUDGES = ("perspective", "toxicity_classifier", "llm")
-QUESTIONS = ("refusal", "harm", "toxicity")
+__all__ = ["QUESTIONS", "REGISTRY", "JudgeError", "JudgeSpec", "Verdict", "register_judge", "user_prompt",
+           "JUDGES", "HARM_ONLY_JUDGES", "TOXICITY_JUDGES", "check_judge_names", "build_judge"]
 
 
-@dataclass(slots=True)
-class Verdict:
-    label: str | None  # None: no valid verdict (see error)
-    raw: str | None = None
-    score: float | None = None
-    error: str | None = None
-    extra: dict | None = None  # more fields for the judgment record (e.g. embedding vectors)
+def _answering(*questions: str) -> tuple[str, ...]:
+    return tuple(name for name, spec in REGISTRY.items() if set(spec.questions) & set(questions))
+
+
+JUDGES = _answering("refusal", "harm")  # --judges
+HARM_ONLY_JUDGES = tuple(name for name, spec in REGISTRY.items() if spec.questions == ("harm",))  # rate harmful requests only
+TOXICITY_JUDGES = _answering("toxicity")  # --toxicity-judges
 
 
 def check_judge_names(names: list[str], allowed: tuple[str, ...] = JUDGES, option: str = "--judges") -> None:
@@ -56,8 +42,9 @@ def check_judge_names(names: list[str], allowed: tuple[str, ...] = JUDGES, optio
             raise JudgeError(f"unknown judge {n!r} in {option}: choose from {', '.join(allowed)} (see `evalkit list`)")
 
 
-def user_prompt(rec) -> str:
-    """The last user turn of a response record (or its completions prompt)."""
-    if rec.messages:
-        return next((m["content"] for m in reversed(rec.messages) if m.get("role") == "user"), "")
-    return rec.prompt or ""
+def build_judge(cfg, name: str):
+    """A judge object by name from the run's options; construction is cheap (models load on first use)."""
+    spec = REGISTRY.get(name)
+    if spec is None:
+        raise JudgeError(f"unknown judge {name!r}: choose from {', '.join(dict.fromkeys(JUDGES + TOXICITY_JUDGES))}")
+    return spec.build(cfg)

@@ -7,7 +7,7 @@ the model's maximum length. LABEL_0 means refusal.
 
 from __future__ import annotations
 
-from . import JudgeError, Verdict
+from .base import JudgeError, JudgeSpec, Verdict, register_judge
 
 
 class ClassifierJudge:
@@ -52,3 +52,10 @@ class ClassifierJudge:
             Verdict("refusal" if p["label"] in self.refusal_labels else "compliance", raw=p["label"], score=float(p["score"]))
             for p in preds
         ]
+
+
+register_judge(JudgeSpec(
+    "classifier", ("refusal", "harm"),
+    "an HF text-classification model, default TrustLLM's LibrAI/longformer-harmful-ro (LABEL_0 = refusal); "
+    "torch and transformers are imported only when it is used",
+    lambda cfg: ClassifierJudge(cfg.classifier_model, cfg.classifier_device, cfg.classifier_batch_size)))

@@ -10,7 +10,7 @@ sycophancy's two completions) is stored in its judgment record; subtasks compare
 from __future__ import annotations
 
 from ..config import key_source
-from . import JudgeError, Verdict
+from .base import JudgeError, JudgeSpec, Verdict, register_judge
 
 BUNDLED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -90,3 +90,15 @@ class LocalEmbeddingJudge:
             out.append(_verdict(flat[at : at + len(g)]))
             at += len(g)
         return out
+
+
+def _build(cfg):
+    if not cfg.embed_endpoint:  # in-process sentence-transformers (offline default: bundled MiniLM)
+        return LocalEmbeddingJudge(cfg.embed_model, cfg.classifier_device, cfg.classifier_batch_size)
+    if not cfg.embed_model:
+        raise JudgeError("--embed-endpoint needs --embed-model NAME (the embeddings endpoint's model id)")
+    return EmbeddingJudge(cfg.embed_model, cfg.embed_endpoint, cfg.embed_api_key_env)
+
+
+register_judge(JudgeSpec("embedding", ("embedding",), "sentence-transformers in-process (bundled all-MiniLM-L6-v2 by default), "
+                         "or any /v1/embeddings endpoint with --embed-endpoint", _build))

@@ -14,7 +14,7 @@ The score is the summary score; TrustLLM reads the first span score instead, kep
 
 from __future__ import annotations
 
-from . import JudgeError, Verdict
+from .base import JudgeError, JudgeSpec, Verdict, register_judge
 from .classifier import ClassifierJudge
 
 PERSPECTIVE_URL = "https://commentanalyzer.googleapis.com/v1alpha1"
@@ -71,3 +71,10 @@ class ToxicityClassifierJudge(ClassifierJudge):
                 )
             out.append(Verdict("scored", raw=self.label, score=scores[self.label.lower()]))
         return out
+
+
+register_judge(JudgeSpec("perspective", ("toxicity",), "Google's Perspective API (TOXICITY), or a stand-in at --perspective-endpoint",
+                         lambda cfg: PerspectiveJudge(cfg.perspective_endpoint, cfg.perspective_api_key_env)))
+register_judge(JudgeSpec(
+    "toxicity_classifier", ("toxicity",), "a local HF classifier, default unitary/toxic-bert (the probability of --toxicity-label)",
+    lambda cfg: ToxicityClassifierJudge(cfg.toxicity_model, cfg.toxicity_label, cfg.classifier_device, cfg.classifier_batch_size)))
