@@ -28,6 +28,14 @@ def test_wilson_interval_by_hand():
     for k, n in ((0, 10), (496, 520), (1, 1), (37, 100)):
         assert wilson_interval(k, n) == pytest.approx(_wilson_by_hand(k, n), abs=1e-9)
     assert wilson_interval(0, 0) is None
+    # the closed form against scipy's binomtest(...).proportion_ci(method="wilson"), at three levels
+    from scipy.stats import binomtest
+
+    for n in (1, 3, 10, 520):
+        for k in range(0, n + 1, max(1, n // 13)):
+            for level in (0.9, 0.95, 0.99):
+                ci = binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
+                assert wilson_interval(k, n, level) == pytest.approx((ci.low, ci.high), abs=1e-12)
 
 
 def test_every_rate_metric_carries_its_interval_over_the_valid_items():
