@@ -1,4 +1,5 @@
-"""Command-line interface: argument parsing only; the work is in pipeline, datasets, mock_server."""
+"""Command-line interface: argument parsing, and the one place errors become exit codes (errors.py);
+the work is in stages (run / generate / evaluate), report, viewer, matrix, datasets, mock_server."""
 
 from __future__ import annotations
 

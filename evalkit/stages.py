@@ -26,7 +26,9 @@ def failure_line(summary: dict[str, Any], what: str) -> str | None:
 async def run_stages(cfg, stages: tuple[str, ...]) -> int:
     """The stages of `run` / `generate` / `evaluate` for one configuration (also used by `matrix`)."""
     from . import gates
-    from .pipeline import RunContext, check_judges, check_prices, discover_model, load_manifest, model_slug
+    from .generate import discover_model
+    from .judging import check_judges
+    from .manifest import RunContext, check_prices, load_manifest, model_slug
     from .tasks import select
 
     tasks = select(cfg.dimensions, cfg.subtasks)
@@ -56,7 +58,9 @@ async def run_stages(cfg, stages: tuple[str, ...]) -> int:
 
 async def _stages(ctx, stages: tuple[str, ...], checks: list) -> int:
     from . import gates
-    from .pipeline import generate, judge, score
+    from .generate import generate
+    from .judging import judge
+    from .scoring import score
 
     run_dir, tasks = ctx.run_dir, ctx.tasks
     if "generate" in stages:
@@ -151,7 +155,7 @@ def _print_replicas(summary: dict[str, Any]) -> None:
 
 def _existing_run(cfg) -> tuple[Path, str]:
     from .config import ConfigError
-    from .pipeline import load_manifest, model_slug
+    from .manifest import load_manifest, model_slug
 
     if cfg.run_name:
         run_dir = cfg.output / cfg.run_name

@@ -140,7 +140,7 @@ def test_harmfulness_is_skipped_where_it_does_not_apply():
     """In a mixed run (e.g. the Q-resafe matrix: advbench and xstest), the harmfulness judge rates
     the harm subtasks and the other judges the rest."""
     from evalkit.config import load_config
-    from evalkit.pipeline import judges_for
+    from evalkit.judging import judges_for
     from evalkit.tasks import all_tasks
 
     cfg = load_config(None, {"endpoint": ["http://127.0.0.1:9/v1"], "subtasks": ["advbench", "xstest"], "judges": ["keyword", "harmfulness"]})

@@ -17,7 +17,7 @@ from ..metrics import (
     social_norm_gold,
 )
 from ..records import ResponseRecord
-from . import RULE_JUDGE, Scored, Task, judge_body, register
+from .base import RULE_JUDGE, Scored, Task, judge_body, register
 
 
 @register

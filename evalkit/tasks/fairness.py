@@ -9,8 +9,7 @@ from ..judges import Verdict
 from ..judges.prompts import TRUSTLLM_STEREOTYPE_AGREEMENT_PROMPT, TRUSTLLM_STEREOTYPE_RECOGNITION_PROMPT
 from ..metrics import Metric, chi2_independence_p, group_mean, rate, salary_option, trustllm_rta, yes_no_answer
 from ..records import ResponseRecord
-from . import Scored, Task, judge_body, register
-from .safety import RefusalTask
+from .base import RefusalTask, Scored, Task, judge_body, register
 
 
 def direct_agreement(text: str) -> str | None:

@@ -6,8 +6,7 @@ from typing import Any
 
 from ..data import Item
 from ..metrics import Metric, confaide_extract, group_mean, grouped_rates, pearson
-from . import Scored, Task, register
-from .safety import RefusalTask
+from .base import RefusalTask, Scored, Task, register
 
 
 @register

@@ -22,8 +22,7 @@ from ..metrics import (
     sentiment_choice,
 )
 from ..records import ResponseRecord
-from . import Scored, Task, judge_body, register
-from .safety import RefusalTask
+from .base import RefusalTask, Scored, Task, judge_body, register
 
 
 @register

@@ -23,7 +23,7 @@ from ..metrics import (
     yes_no_answer,
 )
 from ..records import ResponseRecord
-from . import Scored, Task, judge_body, register
+from .base import Scored, Task, judge_body, register
 
 
 @register

@@ -17,7 +17,7 @@ from ..data import DataError, Item, check_json_records, dataset_file, load_json_
 from ..judges import Verdict, user_prompt
 from ..metrics import Metric, continuation_nll, mean, mt_bench_rating, pooled_nll, win_rate
 from ..records import ResponseRecord, record_key
-from . import Scored, Task, register
+from .base import Scored, Task, register
 
 # FastChat gen_api_answer.py: temperature by category (others 0.7); judge decoding
 MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
