@@ -16,7 +16,7 @@ from .data import Item, resolve_data_root
 from .deployment import identify, vetter
 from .engine import Engine, Request, Result
 from .manifest import RunContext, record_datasets, save_manifest
-from .records import JsonlWriter, ResponseRecord, load_for_resume, read_records, record_key
+from .records import JsonlWriter, ResponseRecord, load_for_resume, read_records, record_key, response_dict
 from .tasks import Task
 
 log = logging.getLogger("evalkit")
@@ -140,39 +140,20 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
             yield Request(key, body, (plan.task, it, params, msgs))
 
     def on_result(req: Request, res: Result) -> None:
-        # A plain dict in ResponseRecord's shape (every reader validates it with that schema):
-        # building a pydantic object per answer would cost more than the request on a fast server.
         task, it, params, msgs = req.meta
-        rec: dict[str, Any] = {"key": req.key, "subtask": task.name, "item_id": it.id, "model": ctx.model}
-        if "prompt" in req.body:
-            rec["prompt"] = req.body["prompt"]
-        else:
-            rec["messages"] = msgs
-        rec["params"] = params
         extra: dict[str, Any] = {}
         if res.ok:
             try:
                 extra = task.response_fields(it, res, req.body)
             except ValueError as e:  # the reply lacks what the subtask needs: an error, not an answer
                 res.error_kind, res.error_message = "bad_response", str(e)
-        if res.ok:
-            rec["response"] = res.text
-            if task.turns > 1 and res.text is not None:
-                answers[req.key] = res.text
-            if res.finish_reason is not None:
-                rec["finish_reason"] = res.finish_reason
-            rec["usage"] = {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens}
-            rec.update(extra)
-        else:
-            rec["error"] = {"kind": res.error_kind, "status": res.error_status, "message": res.error_message or ""}
-        rec["latency_s"] = round(res.latency_s or 0.0, 6)
-        if res.ttft_s is not None:
-            rec["ttft_s"] = round(res.ttft_s, 6)
-        rec["attempts"] = res.attempts
-        if res.endpoint:
-            rec["endpoint"] = res.endpoint
-        rec["created"] = time.time()
-        rec.update(it.data)
+        if res.ok and task.turns > 1 and res.text is not None:
+            answers[req.key] = res.text
+        error = None if res.ok else {"kind": res.error_kind, "status": res.error_status, "message": res.error_message or ""}
+        rec = response_dict(req.key, task.name, it.id, ctx.model, req.body.get("prompt"), msgs, params, text=res.text,
+                            finish_reason=res.finish_reason, usage=(res.prompt_tokens, res.completion_tokens), answer_fields=extra,
+                            error=error, latency_s=res.latency_s, ttft_s=res.ttft_s, attempts=res.attempts, endpoint=res.endpoint,
+                            item_data=it.data)
         writers[task.name].write(rec)
 
     started = time.time()

@@ -14,7 +14,7 @@ from .deployment import hosts
 from .engine import Engine, Request, RequestFailure, Result
 from .judges import HARM_ONLY_JUDGES, QUESTIONS, TOXICITY_JUDGES, JudgeError, Verdict, build_judge, check_judge_names
 from .manifest import RunContext, check_prices, save_manifest
-from .records import JsonlWriter, JudgmentRecord, ResponseRecord, load_for_resume, read_records, record_key
+from .records import JsonlWriter, JudgmentRecord, ResponseRecord, judgment_dict, load_for_resume, read_records, record_key
 from .tasks import Task
 
 LOCAL_JUDGE_CHUNK = 256
@@ -141,18 +141,10 @@ def _judge_key(judge_id: list, r: ResponseRecord, context: ResponseRecord | None
 
 
 def _judgment(key: str, r: ResponseRecord, ident: str, v: Verdict, attempts: int, error: dict | None = None) -> dict[str, Any]:
-    """A dict in JudgmentRecord's shape; a missing verdict always carries an error."""
+    """The judgment record of a verdict; a missing verdict carries the judge's reason as its error."""
     if error is None and v.label is None:
         error = {"kind": "judge_unparseable", "message": v.error or "no verdict"}
-    rec: dict[str, Any] = {"key": key, "response_key": r.key, "subtask": r.subtask, "item_id": r.item_id, "judge": ident}
-    for name, value in (("label", v.label), ("raw", v.raw), ("score", v.score), ("error", error)):
-        if value is not None:
-            rec[name] = value
-    if v.extra:
-        rec.update(v.extra)
-    rec["attempts"] = attempts
-    rec["created"] = time.time()
-    return rec
+    return judgment_dict(key, r, ident, v.label, v.raw, v.score, v.extra, attempts, error)
 
 
 def make_judge(cfg: RunConfig, name: str):

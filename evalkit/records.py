@@ -12,6 +12,7 @@ import asyncio
 import functools
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -76,6 +77,68 @@ class JudgmentRecord(BaseModel):
 
 
 R = TypeVar("R", ResponseRecord, JudgmentRecord)
+RESPONSE_FIELDS = frozenset(ResponseRecord.model_fields)
+JUDGMENT_FIELDS = frozenset(JudgmentRecord.model_fields)
+
+
+def _add_fields(rec: dict[str, Any], fields: dict[str, Any], schema_fields: frozenset[str], whose: str,
+                may_set: frozenset[str] = frozenset()) -> None:
+    """A subtask's or judge's own fields, which must never overwrite the record's own (but those in `may_set`)."""
+    clash = schema_fields.intersection(fields) - may_set
+    if clash:
+        raise ValueError(f"{whose} sets {', '.join(sorted(clash))}, which the record itself holds: rename the field")
+    rec.update(fields)
+
+
+def response_dict(key: str, subtask: str, item_id: str, model: str, prompt: str | None, messages: list[dict] | None,
+                  params: dict[str, Any], *, text: str | None, finish_reason: str | None, usage: tuple[int, int] | None,
+                  answer_fields: dict[str, Any], error: dict[str, Any] | None, latency_s: float | None, ttft_s: float | None,
+                  attempts: int, endpoint: str | None, item_data: dict[str, Any]) -> dict[str, Any]:
+    """A response record as a plain dict in ResponseRecord's shape (every reader validates it with
+    that schema): building a pydantic object per answer would cost more than the request on a fast
+    server. `error` None means answered: text, finish reason, usage and the subtask's answer fields go in."""
+    rec: dict[str, Any] = {"key": key, "subtask": subtask, "item_id": item_id, "model": model}
+    if prompt is not None:
+        rec["prompt"] = prompt
+    else:
+        rec["messages"] = messages
+    rec["params"] = params
+    if error is None:
+        rec["response"] = text
+        if finish_reason is not None:
+            rec["finish_reason"] = finish_reason
+        if usage is not None:
+            rec["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1]}
+        # a subtask may keep another text than the reply as the answer (reference_nll: the scored reference)
+        _add_fields(rec, answer_fields, RESPONSE_FIELDS, f"subtask {subtask}'s answer", frozenset({"response"}))
+    else:
+        rec["error"] = error
+    rec["latency_s"] = round(latency_s or 0.0, 6)
+    if ttft_s is not None:
+        rec["ttft_s"] = round(ttft_s, 6)
+    rec["attempts"] = attempts
+    if endpoint:
+        rec["endpoint"] = endpoint
+    rec["created"] = time.time()
+    _add_fields(rec, item_data, RESPONSE_FIELDS, f"subtask {subtask}'s item data")
+    return rec
+
+
+def judgment_dict(key: str, response: ResponseRecord, judge: str, label: str | None, raw: str | None, score: float | None,
+                  judge_fields: dict[str, Any] | None, attempts: int, error: dict[str, Any] | None) -> dict[str, Any]:
+    """A judgment record as a plain dict in JudgmentRecord's shape; a missing label always carries an error."""
+    if error is None and label is None:
+        error = {"kind": "judge_unparseable", "message": "no verdict"}
+    rec: dict[str, Any] = {"key": key, "response_key": response.key, "subtask": response.subtask, "item_id": response.item_id,
+                           "judge": judge}
+    for name, value in (("label", label), ("raw", raw), ("score", score), ("error", error)):
+        if value is not None:
+            rec[name] = value
+    if judge_fields:
+        _add_fields(rec, judge_fields, JUDGMENT_FIELDS, f"judge {judge}")
+    rec["attempts"] = attempts
+    rec["created"] = time.time()
+    return rec
 
 
 def record_key(*parts: Any) -> str:
