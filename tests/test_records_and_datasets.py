@@ -147,3 +147,27 @@ def test_cache_is_the_default_data_path(mirror, tmp_path, mock_server):
     p = run_cli("run", "--subtasks", "advbench", "--limit", "3", "--endpoint", srv.url, "--output", str(tmp_path / "runs"), env=env)
     assert p.returncode == 0, p.stderr
     assert Path(tmp_path / "runs" / "mock-model" / "results.json").exists()
+
+
+def test_record_builders_keep_the_records_own_fields():
+    from evalkit.records import JudgmentRecord, ResponseRecord, judgment_dict, response_dict
+
+    common = dict(finish_reason="stop", usage=(3, 2), error=None, latency_s=0.1234567, ttft_s=None, attempts=1, endpoint="http://h/v1")
+    rec = response_dict("k", "t", "0", "m", None, [{"role": "user", "content": "q"}], {"max_tokens": 8}, text="a",
+                        answer_fields={"response": "kept instead", "nll": 1.5}, item_data={"group": "g"}, **common)
+    parsed = ResponseRecord.model_validate(rec)
+    assert parsed.response == "kept instead" and parsed.item == {"nll": 1.5, "group": "g"} and parsed.latency_s == 0.123457
+    assert list(rec)[:6] == ["key", "subtask", "item_id", "model", "messages", "params"]
+    # an item's data or a subtask's answer fields may not overwrite the record's own fields
+    with pytest.raises(ValueError, match="subtask t's item data sets model"):
+        response_dict("k", "t", "0", "m", None, [], {}, text="a", answer_fields={}, item_data={"model": "x"}, **common)
+    with pytest.raises(ValueError, match="subtask t's answer sets usage"):
+        response_dict("k", "t", "0", "m", None, [], {}, text="a", answer_fields={"usage": 1}, item_data={}, **common)
+    failed = response_dict("k", "t", "0", "m", "prompt", None, {}, text=None, answer_fields={"usage": 1}, item_data={},
+                           **{**common, "error": {"kind": "transient", "status": 503, "message": "down"}})
+    assert "response" not in failed and "usage" not in failed and failed["prompt"] == "prompt"  # a failure keeps no answer
+    r = ResponseRecord.model_validate(rec)
+    j = judgment_dict("jk", r, "keyword:gcg29", None, None, None, None, 1, None)
+    assert JudgmentRecord.model_validate(j).error.kind == "judge_unparseable"  # no label: always an error
+    with pytest.raises(ValueError, match="judge llm sets judge"):
+        judgment_dict("jk", r, "llm", "yes", None, None, {"judge": "other"}, 1, None)
