@@ -41,6 +41,7 @@ import aiohttp
 import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_before_delay
 
+from . import wire
 from .config import ConfigError, EngineConfig, key_source, read_endpoints_file, redact_url
 from .cost import CostLimitReached, Price, Spending
 from .errors import FatalAuthError, FatalEndpointError, FatalRunError, RequestFailure, RetryableFailure  # noqa: F401 - re-exported: the tree is drawn in errors.py
@@ -733,29 +734,24 @@ class Engine:
             return
         if self.api == "embeddings":
             try:
-                data = orjson.loads(raw)
-                vectors = [d["embedding"] for d in sorted(data["data"], key=lambda d: d["index"])]
-            except (orjson.JSONDecodeError, KeyError, TypeError) as e:
-                raise RetryableFailure("transient", f"malformed embeddings body ({type(e).__name__}): {raw[:200]!r}") from None
+                vectors, result.prompt_tokens = wire.read_embeddings(orjson.loads(raw))
+            except orjson.JSONDecodeError:
+                raise RetryableFailure("transient", f"malformed embeddings body (JSONDecodeError): {raw[:200]!r}") from None
+            except wire.WireError as e:
+                raise RetryableFailure("transient", f"malformed embeddings body ({e}): {raw[:200]!r}") from None
             if any(not isinstance(v, list) for v in vectors):
                 raise RequestFailure("bad_request", "embeddings came back base64-encoded; ask for encoding_format float")
             result.text, result.raw = "", {"embeddings": vectors}
-            result.prompt_tokens = int((data.get("usage") or {}).get("prompt_tokens") or 0)
             return
         try:
             data = orjson.loads(raw)
-            choice = data["choices"][0]
-            text = choice["message"]["content"] if self.api == "chat" else choice["text"]
-        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+            result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens = wire.read_completion(self.api, data)
+        except (orjson.JSONDecodeError, wire.WireError) as e:
             if raw.lstrip()[:1] == b"<":
                 raise RetryableFailure("transient", "the endpoint answered HTML, not JSON: is the URL an OpenAI API base "
                                                     "(usually ending in /v1)?") from None
-            raise RetryableFailure("transient", f"malformed response body ({type(e).__name__}): {raw[:200]!r}") from None
-        result.text = text if text is not None else ""
-        result.finish_reason = choice.get("finish_reason")
-        usage = data.get("usage") or {}
-        result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        result.completion_tokens = int(usage.get("completion_tokens") or 0)
+            kind = type(e).__name__ if isinstance(e, orjson.JSONDecodeError) else str(e)
+            raise RetryableFailure("transient", f"malformed response body ({kind}): {raw[:200]!r}") from None
         result.raw = data
 
     async def _read_stream(self, resp: aiohttp.ClientResponse, result: Result, t0: float) -> None:
@@ -763,10 +759,9 @@ class Engine:
         ttft = None
         saw_done = False
         async for line in resp.content:
-            line = line.strip()
-            if not line.startswith(b"data:"):
+            payload = wire.sse_data(line)
+            if payload is None:
                 continue
-            payload = line[5:].strip()
             if payload == b"[DONE]":
                 saw_done = True
                 break
@@ -774,17 +769,14 @@ class Engine:
                 chunk = orjson.loads(payload)
             except orjson.JSONDecodeError:
                 raise RetryableFailure("transient", f"malformed stream chunk: {payload[:200]!r}") from None
-            if chunk.get("usage"):
-                result.prompt_tokens = int(chunk["usage"].get("prompt_tokens") or 0)
-                result.completion_tokens = int(chunk["usage"].get("completion_tokens") or 0)
-            for choice in chunk.get("choices") or []:
-                piece = (choice.get("delta") or {}).get("content") if self.api == "chat" else choice.get("text")
-                if piece:
-                    if ttft is None:
-                        ttft = time.monotonic() - t0
-                    parts.append(piece)
-                if choice.get("finish_reason"):
-                    result.finish_reason = choice["finish_reason"]
+            pieces, finish, counts = wire.read_chunk(self.api, chunk)
+            if counts is not None:
+                result.prompt_tokens, result.completion_tokens = counts
+            if pieces and ttft is None:
+                ttft = time.monotonic() - t0
+            parts += pieces
+            if finish is not None:
+                result.finish_reason = finish
         if not saw_done:
             raise RetryableFailure("transient", "stream ended before [DONE]")
         result.text = "".join(parts)

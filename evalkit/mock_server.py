@@ -29,6 +29,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import wire
+
 FAULTS = ("429", "500", "reset", "hang")
 
 
@@ -203,26 +205,20 @@ async def completions(request: web.Request) -> web.StreamResponse:
             reply, finish = " ".join(words), "length"
         else:
             finish = "stop"
-        usage = {"prompt_tokens": len(prompt_text.split()), "completion_tokens": len(words)}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        usage = wire.usage(len(prompt_text.split()), len(words))
         entry[1:] = [usage["prompt_tokens"], usage["completion_tokens"]]
         cid = f"cmpl-mock-{n}"
         created = int(time.time())
         if body.get("stream"):
             return await _stream(request, st, chat, cid, created, words, finish, usage, body)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": finish}
-            if body.get("logprobs"):  # the first word as the first token; a rule may script its alternatives
-                first = words[0] if words else ""
-                top = top_logprobs if top_logprobs is not None else [{"token": first, "logprob": 0.0}]
-                choice["logprobs"] = {"content": [{"token": first, "logprob": 0.0, "top_logprobs": top[: body.get("top_logprobs") or 0]}]}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": reply, "finish_reason": finish, "logprobs": None}
-            obj = "text_completion"
-        payload = {"id": cid, "object": obj, "created": created, "model": st.model, "choices": [choice], "usage": usage}
+        logprobs = None
+        if chat and body.get("logprobs"):  # the first word as the first token; a rule may script its alternatives
+            first = words[0] if words else ""
+            top = top_logprobs if top_logprobs is not None else [{"token": first, "logprob": 0.0}]
+            logprobs = {"content": [{"token": first, "logprob": 0.0, "top_logprobs": top[: body.get("top_logprobs") or 0]}]}
         st.counts["completed"] += 1
-        return web.Response(body=orjson.dumps(payload), content_type="application/json")
+        return web.Response(body=wire.completion(chat, cid, created, st.model, wire.choice(chat, reply, finish, logprobs), usage),
+                            content_type="application/json")
     finally:
         st.counts["inflight"] -= 1
         if st.slots is not None:
@@ -232,21 +228,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _stream(request, st, chat, cid, created, words, finish, usage, body) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    obj = "chat.completion.chunk" if chat else "text_completion"
+    stream = wire.Stream(chat, cid, created, st.model)
     for i, w in enumerate(words):
-        piece = w if i == 0 else " " + w
-        if chat:
-            choice = {"index": 0, "delta": {"content": piece} if i else {"role": "assistant", "content": piece}, "finish_reason": None}
-        else:
-            choice = {"index": 0, "text": piece, "finish_reason": None}
-        await resp.write(b"data: " + orjson.dumps({"id": cid, "object": obj, "created": created, "model": st.model, "choices": [choice]}) + b"\n\n")
+        await resp.write(stream.piece(w if i == 0 else " " + w, first=i == 0))
         if st.itl:
             await asyncio.sleep(st.itl)
-    last = {"index": 0, "delta": {}, "finish_reason": finish} if chat else {"index": 0, "text": "", "finish_reason": finish}
-    await resp.write(b"data: " + orjson.dumps({"id": cid, "object": obj, "created": created, "model": st.model, "choices": [last]}) + b"\n\n")
+    await resp.write(stream.finish(finish))
     if (body.get("stream_options") or {}).get("include_usage"):
-        await resp.write(b"data: " + orjson.dumps({"id": cid, "object": obj, "created": created, "model": st.model, "choices": [], "usage": usage}) + b"\n\n")
-    await resp.write(b"data: [DONE]\n\n")
+        await resp.write(stream.usage(usage["prompt_tokens"], usage["completion_tokens"]))
+    await resp.write(wire.DONE)
     st.counts["completed"] += 1
     return resp
 

@@ -36,6 +36,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from evalkit import wire
+
 from . import recipe as recipes
 from .loading import QUANTS, Loaded, LoadError, load, model_spec
 from .spec import HF_FIELDS, add_arguments, from_namespace
@@ -485,43 +487,26 @@ class Server:
             raise
         except Exception as e:
             raise APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error") from None
-        usage = {"prompt_tokens": len(ids), "completion_tokens": job.completion_tokens, "total_tokens": len(ids) + job.completion_tokens}
         if chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": job.text}, "finish_reason": job.finish_reason}
-            if logprobs is not None:
-                choice["logprobs"] = {"content": job.token_logprobs}
-            obj = "chat.completion"
+            choice = wire.choice(True, job.text, job.finish_reason, None if logprobs is None else {"content": job.token_logprobs})
         else:
-            choice = {"index": 0, "text": job.text, "finish_reason": job.finish_reason, "logprobs": None}
+            legacy = None
             if logprobs is not None:
-                choice["logprobs"] = _legacy_logprobs(job.token_logprobs, len(echo.prompt) if echo else 0)
-            if echo is not None:  # the prompt comes first, in the text and in the logprobs
-                choice["text"] = echo.prompt + job.text
-                if logprobs is not None:
+                legacy = _legacy_logprobs(job.token_logprobs, len(echo.prompt) if echo else 0)
+                if echo is not None:  # the prompt comes first, in the logprobs as in the text
                     prompt_part = _legacy_logprobs(echo.logprobs, 0, echo.offsets)
-                    choice["logprobs"] = {k: prompt_part[k] + v for k, v in choice["logprobs"].items()}
-            obj = "text_completion"
-        payload = {"id": cid, "object": obj, "created": created, "model": self.name, "choices": [choice], "usage": usage}
-        return web.Response(body=orjson.dumps(payload), content_type="application/json")
+                    legacy = {k: prompt_part[k] + v for k, v in legacy.items()}
+            choice = wire.choice(False, (echo.prompt if echo is not None else "") + job.text, job.finish_reason, legacy)
+        body_bytes = wire.completion(chat, cid, created, self.name, choice, wire.usage(len(ids), job.completion_tokens))
+        return web.Response(body=body_bytes, content_type="application/json")
 
     async def _stream(self, request, body, job: Job, cid, created, chat: bool, n_prompt: int) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(choices: list, **extra: Any) -> bytes:
-            data = {"id": cid, "object": obj, "created": created, "model": self.name, "choices": choices, **extra}
-            return b"data: " + orjson.dumps(data) + b"\n\n"
-
-        def piece(text: str, first: bool = False) -> dict:
-            if chat:
-                delta = {"role": "assistant", "content": text} if first else {"content": text}
-                return {"index": 0, "delta": delta, "finish_reason": None}
-            return {"index": 0, "text": text, "finish_reason": None}
-
+        stream = wire.Stream(chat, cid, created, self.name)
         sent = ""
         if chat:
-            await resp.write(chunk([piece("", first=True)]))
+            await resp.write(stream.piece("", first=True))
         queue = job.stream
         assert queue is not None
         waiter = asyncio.ensure_future(job.future)
@@ -532,28 +517,25 @@ class Server:
                 if getter in done:
                     text = getter.result()
                     sent += text
-                    await resp.write(chunk([piece(text)]))
+                    await resp.write(stream.piece(text))
                     continue
                 getter.cancel()
                 break
             while not queue.empty():
                 text = queue.get_nowait()
                 sent += text
-                await resp.write(chunk([piece(text)]))
+                await resp.write(stream.piece(text))
             try:
                 waiter.result()
             except Exception as e:
-                err = {"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None, "code": None}}
-                await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
+                await resp.write(wire.stream_error(f"generation failed: {e}"))
                 return resp
             if job.text.startswith(sent) and len(job.text) > len(sent):  # held-back tail
-                await resp.write(chunk([piece(job.text[len(sent):])]))
-            last = {"index": 0, "delta": {}, "finish_reason": job.finish_reason} if chat else {"index": 0, "text": "", "finish_reason": job.finish_reason}
-            await resp.write(chunk([last]))
+                await resp.write(stream.piece(job.text[len(sent):]))
+            await resp.write(stream.finish(job.finish_reason))
             if (body.get("stream_options") or {}).get("include_usage"):
-                usage = {"prompt_tokens": n_prompt, "completion_tokens": job.completion_tokens, "total_tokens": n_prompt + job.completion_tokens}
-                await resp.write(chunk([], usage=usage))
-            await resp.write(b"data: [DONE]\n\n")
+                await resp.write(stream.usage(n_prompt, job.completion_tokens))
+            await resp.write(wire.DONE)
         except (ConnectionResetError, asyncio.CancelledError):
             job.future.cancel()
             raise
