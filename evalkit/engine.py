@@ -259,10 +259,6 @@ def percentiles(values: array | list[float]) -> dict[str, float] | None:
     return {"mean": round(sum(s) / len(s), 6), "p50": pick(50), "p90": pick(90), "p99": pick(99), "max": round(s[-1], 6)}
 
 
-# request path under each base URL; "perspective" is Google's comments:analyze (toxicity judge)
-API_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
-             "perspective": "/comments:analyze"}
-OPENAI_APIS = ("chat", "completions", "embeddings")
 
 
 class Engine:
@@ -282,7 +278,10 @@ class Engine:
         if not base_urls:
             raise ValueError("at least one endpoint URL is needed")
         self.cfg = cfg
+        if api not in wire.KINDS:
+            raise ValueError(f"unknown API kind {api!r}: choose from {', '.join(wire.KINDS)}")
         self.api = api
+        self.kind = wire.KINDS[api]
         self.replicas: list[Replica] = []
         self.stats = Stats()
         self._sync_replicas(base_urls, log_changes=False)
@@ -290,11 +289,7 @@ class Engine:
         self._endpoints_seen: tuple[float, int] | None = None
         self._headers = {"Content-Type": "application/json"}
         if api_key:
-            # Google APIs take the key in a header of their own (never in the URL, where logs would keep it)
-            if api == "perspective":
-                self._headers["X-Goog-Api-Key"] = api_key
-            else:
-                self._headers["Authorization"] = f"Bearer {api_key}"
+            self._headers.update(self.kind.auth_headers(api_key))
         self._key_hint = key_hint or key_source(None)
         self._rps = Budget(cfg.rps, 1.0) if cfg.rps else None
         self._tpm = Budget(cfg.tpm / 60.0, cfg.tpm / 600.0) if cfg.tpm else None  # at most 0.1 s worth at once
@@ -341,7 +336,7 @@ class Engine:
         for base in wanted:
             r = by_url.get(base)
             if r is None:
-                r = Replica(base, base + API_PATHS[self.api], redact_url(base))
+                r = Replica(base, base + self.kind.path, redact_url(base))
                 self.replicas.append(r)
             elif not r.retired or r.refused:
                 continue
@@ -483,7 +478,7 @@ class Engine:
         """Why a 404 will repeat: the model is not served (name the ones that are), or the URL is
         not an API base (GET /models is missing too: usually a missing /v1)."""
         head = f"{where} answered 404 ({e.message.removeprefix('HTTP 404: ')[:200]})"
-        if self.api not in OPENAI_APIS:
+        if not self.kind.openai:
             return f"{head}: check the endpoint URL"
         try:
             ids = [c["id"] for c in await self.model_cards(timeout=5.0)]
@@ -523,7 +518,7 @@ class Engine:
         Raises FatalAuthError after in-flight work is cancelled; everything on_result received
         before that is the caller's to keep (it is already written).
         """
-        assert self._session is not None and (self.model or self.api not in OPENAI_APIS), "use `async with Engine(...)` and set .model"
+        assert self._session is not None and (self.model or not self.kind.openai), "use `async with Engine(...)` and set .model"
         if fresh_stats:
             self.stats = Stats(replicas=self.replicas, cost=None if self.price is None else 0.0)
         stats = self.stats
@@ -652,10 +647,10 @@ class Engine:
 
     async def _attempt(self, req: Request, result: Result) -> None:
         body = dict(req.body)
-        if self.api in OPENAI_APIS:
+        if self.kind.openai:
             body["model"] = self.model
         # a request may opt out of streaming (a judge that reads logprobs from the whole body)
-        stream = self.cfg.stream and self.api in ("chat", "completions") and body.get("stream") is not False
+        stream = self.cfg.stream and self.kind.streams and body.get("stream") is not False
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
@@ -726,33 +721,9 @@ class Engine:
         raise cls(kind, msg, resp.status, retry_after)
 
     def _read_body(self, raw: bytes, result: Result) -> None:
-        if self.api not in OPENAI_APIS:  # another JSON API: the caller reads result.raw
-            try:
-                result.text, result.raw = "", orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                raise RetryableFailure("transient", f"malformed JSON body: {raw[:200]!r}") from None
-            return
-        if self.api == "embeddings":
-            try:
-                vectors, result.prompt_tokens = wire.read_embeddings(orjson.loads(raw))
-            except orjson.JSONDecodeError:
-                raise RetryableFailure("transient", f"malformed embeddings body (JSONDecodeError): {raw[:200]!r}") from None
-            except wire.WireError as e:
-                raise RetryableFailure("transient", f"malformed embeddings body ({e}): {raw[:200]!r}") from None
-            if any(not isinstance(v, list) for v in vectors):
-                raise RequestFailure("bad_request", "embeddings came back base64-encoded; ask for encoding_format float")
-            result.text, result.raw = "", {"embeddings": vectors}
-            return
-        try:
-            data = orjson.loads(raw)
-            result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens = wire.read_completion(self.api, data)
-        except (orjson.JSONDecodeError, wire.WireError) as e:
-            if raw.lstrip()[:1] == b"<":
-                raise RetryableFailure("transient", "the endpoint answered HTML, not JSON: is the URL an OpenAI API base "
-                                                    "(usually ending in /v1)?") from None
-            kind = type(e).__name__ if isinstance(e, orjson.JSONDecodeError) else str(e)
-            raise RetryableFailure("transient", f"malformed response body ({kind}): {raw[:200]!r}") from None
-        result.raw = data
+        reply = self.kind.parse(raw)
+        result.text, result.finish_reason, result.raw = reply.text, reply.finish_reason, reply.raw
+        result.prompt_tokens, result.completion_tokens = reply.prompt_tokens, reply.completion_tokens
 
     async def _read_stream(self, resp: aiohttp.ClientResponse, result: Result, t0: float) -> None:
         parts: list[str] = []
@@ -769,7 +740,7 @@ class Engine:
                 chunk = orjson.loads(payload)
             except orjson.JSONDecodeError:
                 raise RetryableFailure("transient", f"malformed stream chunk: {payload[:200]!r}") from None
-            pieces, finish, counts = wire.read_chunk(self.api, chunk)
+            pieces, finish, counts = self.kind.read_chunk(chunk)
             if counts is not None:
                 result.prompt_tokens, result.completion_tokens = counts
             if pieces and ttft is None:

@@ -1,13 +1,20 @@
 """The OpenAI wire format in one torch-free place: the bodies and server-sent-event chunks of
 /v1/chat/completions, /v1/completions and /v1/embeddings. evalkit's engine reads them; our HF
 server and the mock server build them. Keys keep OpenAI's order, so bodies are byte-stable.
+
+The API kinds the engine sends to (chat, completions, embeddings, and JSON APIs such as
+Perspective) are small classes at the end: a path under the base URL, how the key is sent, and
+how a reply is read. A new endpoint kind is one more class in KINDS.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from .errors import RequestFailure, RetryableFailure
 
 DONE = b"data: [DONE]\n\n"  # the last event of every stream
 
@@ -117,3 +124,97 @@ def read_chunk(api: str, chunk: dict[str, Any]) -> tuple[list[str], str | None, 
 def _usage(data: dict[str, Any]) -> tuple[int, int]:
     u = data.get("usage") or {}
     return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+
+
+# -- API kinds (the engine's view of each endpoint kind) -------------------------------------
+
+
+@dataclass
+class Reply:
+    """What the engine keeps of one whole reply."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    raw: Any = None  # the parsed body, for callers that read more than the text
+
+
+class ApiKind:
+    """One endpoint kind: where its requests go under a base URL, how the key is sent, and how a
+    reply is read. `openai`: the body names the model, and /models lists what is served."""
+
+    name: str
+    path: str
+    openai = True
+    streams = False  # answers server-sent events when asked to
+
+    def auth_headers(self, key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    def parse(self, raw: bytes) -> Reply:
+        raise NotImplementedError
+
+    def read_chunk(self, chunk: dict[str, Any]) -> tuple[list[str], str | None, tuple[int, int] | None]:
+        raise NotImplementedError(f"{self.name} does not stream")
+
+
+class _Generation(ApiKind):
+    streams = True
+
+    def parse(self, raw: bytes) -> Reply:
+        try:
+            data = orjson.loads(raw)
+            text, finish, prompt_tokens, completion_tokens = read_completion(self.name, data)
+        except (orjson.JSONDecodeError, WireError) as e:
+            if raw.lstrip()[:1] == b"<":
+                raise RetryableFailure("transient", "the endpoint answered HTML, not JSON: is the URL an OpenAI API base "
+                                                    "(usually ending in /v1)?") from None
+            kind = type(e).__name__ if isinstance(e, orjson.JSONDecodeError) else str(e)
+            raise RetryableFailure("transient", f"malformed response body ({kind}): {raw[:200]!r}") from None
+        return Reply(text, finish, prompt_tokens, completion_tokens, data)
+
+    def read_chunk(self, chunk: dict[str, Any]) -> tuple[list[str], str | None, tuple[int, int] | None]:
+        return read_chunk(self.name, chunk)
+
+
+class Chat(_Generation):
+    name, path = "chat", "/chat/completions"
+
+
+class Completions(_Generation):
+    name, path = "completions", "/completions"
+
+
+class Embeddings(ApiKind):
+    name, path = "embeddings", "/embeddings"
+
+    def parse(self, raw: bytes) -> Reply:
+        try:
+            vectors, prompt_tokens = read_embeddings(orjson.loads(raw))
+        except orjson.JSONDecodeError:
+            raise RetryableFailure("transient", f"malformed embeddings body (JSONDecodeError): {raw[:200]!r}") from None
+        except WireError as e:
+            raise RetryableFailure("transient", f"malformed embeddings body ({e}): {raw[:200]!r}") from None
+        if any(not isinstance(v, list) for v in vectors):
+            raise RequestFailure("bad_request", "embeddings came back base64-encoded; ask for encoding_format float")
+        return Reply("", None, prompt_tokens, 0, {"embeddings": vectors})
+
+
+class Perspective(ApiKind):
+    """Google's Perspective API (comments:analyze), the toxicity judge's; the caller reads `raw`."""
+
+    name, path = "perspective", "/comments:analyze"
+    openai = False
+
+    def auth_headers(self, key: str) -> dict[str, str]:
+        return {"X-Goog-Api-Key": key}  # Google's own header: a key in the URL would end up in logs
+
+    def parse(self, raw: bytes) -> Reply:
+        try:
+            return Reply("", raw=orjson.loads(raw))
+        except orjson.JSONDecodeError:
+            raise RetryableFailure("transient", f"malformed JSON body: {raw[:200]!r}") from None
+
+
+KINDS: dict[str, ApiKind] = {k.name: k for k in (Chat(), Completions(), Embeddings(), Perspective())}

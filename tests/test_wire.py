@@ -47,3 +47,22 @@ def test_what_the_engine_reads():
         finish, counts = f or finish, c or counts
     assert ("".join(pieces), finish, counts) == ("Hello", "stop", (2, 2))
     assert wire.sse_data(b": keep-alive\n") is None and wire.sse_data(b"data:  {}\n") == b"{}"
+
+
+def test_api_kinds_path_key_and_parse():
+    from evalkit.errors import RequestFailure, RetryableFailure
+
+    chat, emb, persp = wire.KINDS["chat"], wire.KINDS["embeddings"], wire.KINDS["perspective"]
+    assert (chat.path, chat.openai, chat.streams) == ("/chat/completions", True, True)
+    assert chat.auth_headers("k") == {"Authorization": "Bearer k"}
+    assert persp.auth_headers("k") == {"X-Goog-Api-Key": "k"} and not persp.openai and not persp.streams
+    reply = chat.parse(wire.completion(True, "c", 1, "m", wire.choice(True, "hi", "stop"), wire.usage(3, 1)))
+    assert (reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens) == ("hi", "stop", 3, 1)
+    with pytest.raises(RetryableFailure, match="answered HTML"):
+        chat.parse(b"<html>404</html>")
+    with pytest.raises(RequestFailure, match="base64"):
+        emb.parse(b'{"data": [{"index": 0, "embedding": "AAAA"}]}')
+    assert emb.parse(b'{"data": [{"index": 0, "embedding": [0.5]}], "usage": {"prompt_tokens": 2}}').raw == {"embeddings": [[0.5]]}
+    assert persp.parse(b'{"attributeScores": {}}').raw == {"attributeScores": {}}
+    with pytest.raises(NotImplementedError):
+        emb.read_chunk({})
