@@ -4,9 +4,10 @@ resumed by record key; a multi-turn subtask's later turns follow each answered i
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,14 +57,40 @@ Keyed = list[tuple[str, Item, dict[str, Any]]]  # (record key, item, generation 
 
 
 @dataclass
-class _GenPlan:
-    """One subtask's generation: the keyed items of the current turn, and the finished answers."""
+class TurnPlan:
+    """One subtask's generation, turn by turn: the keyed items of the current turn, the answers
+    already on disk, and (multi-turn subtasks) the next turn that follows each answered item."""
 
     task: Task
     system: str | None
     current: Keyed
     done: dict[str, ResponseRecord]
+    keyed: Callable[[list[Item]], Keyed]  # items -> (record key, item, params) in this run
     n_resumed: int = 0
+    turn: int = 0
+
+    def todo(self) -> list[tuple[str, Item, dict[str, Any]]]:
+        """This turn's items still to ask; the ones answered in an earlier run count as resumed."""
+        out = []
+        for key, it, params in self.current:
+            if key in self.done:
+                self.n_resumed += 1
+            else:
+                out.append((key, it, params))
+        return out
+
+    def advance(self, answers: dict[str, str]) -> bool:
+        """Go to the next turn, each item answered in this turn (now or in an earlier run) followed
+        by the subtask's next question; False when the subtask has no more turns to ask."""
+        self.turn += 1
+        nxt = []
+        if self.turn < self.task.turns:
+            for key, it, _ in self.current:
+                answer = answers.get(key, self.done[key].response if key in self.done else None)
+                if answer is not None and (n := self.task.next_turn(it, answer)) is not None:
+                    nxt.append(n)
+        self.current = self.keyed(nxt) if nxt else []
+        return bool(self.current)
 
 
 def _keyed(task: Task, system: str | None, items: list[Item], deployment: dict, model: str, cfg: RunConfig) -> Keyed:
@@ -108,7 +135,7 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
     # the data first: a broken file stops the run before any connection is made
     loaded = [(task, cfg.system_prompt if cfg.system_prompt is not None else task.system_prompt, task.load(root))
               for task in ctx.tasks if not task.responses_of]  # responses_of: judges another subtask's answers
-    plans: list[_GenPlan] = []
+    plans: list[TurnPlan] = []
     writers: dict[str, JsonlWriter] = {}
     try:
         deployment, card = await identify(await engine_for(cfg.api), ctx.model, cfg.deployment, cfg.wait)
@@ -126,14 +153,15 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
                     "%d records in %s came from another deployment, model or generation parameters: moved to %s",
                     n_stale, path, path.with_suffix(".stale.jsonl"),
                 )
-            plans.append(_GenPlan(task, system, keyed[: cfg.limit] if cfg.limit else keyed, done))
+            plans.append(TurnPlan(task, system, keyed[: cfg.limit] if cfg.limit else keyed, done,
+                                  functools.partial(_keyed, task, system, deployment=deployment, model=ctx.model, cfg=cfg)))
     except BaseException:
         await stack.aclose()
         raise
 
     answers: dict[str, str] = {}  # this run's answers of multi-turn subtasks, for their next turn
 
-    def requests(todo: list[tuple[_GenPlan, str, Item, dict]]) -> Iterator[Request]:
+    def requests(todo: list[tuple[TurnPlan, str, Item, dict]]) -> Iterator[Request]:
         for plan, key, it, params in todo:
             msgs = plan.task.messages(it, plan.system)
             body = {**plan.task.request_body(it, msgs, plan.task.api or cfg.api), **params}
@@ -166,11 +194,8 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
         while plans:
             todo: dict[str, list] = {}
             for plan in plans:
-                for key, it, params in plan.current:
-                    if key in plan.done:
-                        plan.n_resumed += 1
-                    else:
-                        todo.setdefault(plan.task.api or cfg.api, []).append((plan, key, it, params))
+                for key, it, params in plan.todo():
+                    todo.setdefault(plan.task.api or cfg.api, []).append((plan, key, it, params))
             for api, work in todo.items():
                 eng = await engine_for(api)
                 try:
@@ -179,17 +204,7 @@ async def generate(ctx: RunContext) -> dict[str, Any]:
                 finally:
                     summary = _merge_summaries({a: e.stats.summary() for a, e in engines.items()})
             turn += 1
-            for plan in plans:  # a multi-turn subtask's next turn follows each answered item
-                if turn >= plan.task.turns:
-                    plan.current = []
-                    continue
-                nxt = []
-                for key, it, _ in plan.current:
-                    answer = answers.get(key, plan.done[key].response if key in plan.done else None)
-                    if answer is not None and (n := plan.task.next_turn(it, answer)) is not None:
-                        nxt.append(n)
-                plan.current = _keyed(plan.task, plan.system, nxt, deployment, ctx.model, cfg)
-            plans = [p for p in plans if p.current]
+            plans = [p for p in plans if p.advance(answers)]
     finally:
         await stack.aclose()
         for w in writers.values():
