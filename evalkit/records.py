@@ -148,9 +148,22 @@ def record_key(*parts: Any) -> str:
 
 
 def iter_records(path: Path, schema: type[R]) -> Iterator[tuple[int, R | None]]:
-    """Yield (line number, record) for each line; a torn last line (crash mid-write) yields None."""
+    """Yield (line number, record) for each line; a torn last line (crash mid-write) yields None.
+
+    The lines are validated as one JSON array first (one call into pydantic's core instead of one
+    per line: 2-3x faster on a large run); a file with a bad or torn line is read line by line,
+    which drops a torn last line and names a bad one."""
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    try:
+        records = _list_adapter(schema).validate_json(b"[" + b",".join(line for _, line in numbered) + b"]")
+    except ValidationError:
+        pass
+    else:
+        if len(records) == len(numbered):  # else a line held more than one value: the line-by-line path names it
+            yield from zip((n for n, _ in numbered), records)
+            return
     last = len(lines) - 1
     for i, line in enumerate(lines):
         if not line.strip():
@@ -167,22 +180,15 @@ def iter_records(path: Path, schema: type[R]) -> Iterator[tuple[int, R | None]]:
             ) from None
 
 
-def read_records(path: Path, schema: type[R]) -> list[R]:
-    """Every record of the file. The lines are validated as one JSON array first (one call into
-    pydantic's core instead of one per line: 2-3x faster on a large run); a file with a bad or
-    torn line takes the line-by-line path, which drops a torn last line and names a bad one."""
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
-    try:
-        return _list_adapter(schema).validate_json(b"[" + b",".join(lines) + b"]")
-    except ValidationError:
-        return [r for _, r in iter_records(path, schema) if r is not None]
-
-
 @functools.cache
 def _list_adapter(schema: type[R]) -> TypeAdapter[list[R]]:
     return TypeAdapter(list[schema])  # type: ignore[valid-type]
+
+
+def read_records(path: Path, schema: type[R]) -> list[R]:
+    if not path.exists():
+        return []
+    return [r for _, r in iter_records(path, schema) if r is not None]
 
 
 def load_for_resume(path: Path, schema: type[R], restart: bool, keep: set[str] | None = None) -> tuple[dict[str, R], int]:

@@ -171,3 +171,15 @@ def test_record_builders_keep_the_records_own_fields():
     assert JudgmentRecord.model_validate(j).error.kind == "judge_unparseable"  # no label: always an error
     with pytest.raises(ValueError, match="judge llm sets judge"):
         judgment_dict("jk", r, "llm", "yes", None, None, {"judge": "other"}, 1, None)
+
+
+def test_a_line_with_two_records_is_named_not_read(tmp_path):
+    from evalkit.records import RecordFileError, ResponseRecord, read_records
+
+    one = '{"key": "a", "subtask": "t", "item_id": "0", "model": "m", "params": {}, "created": 0}'
+    path = tmp_path / "r.jsonl"
+    path.write_text(one + "\n" + one.replace('"a"', '"b"') + ", " + one.replace('"a"', '"c"') + "\n" + one.replace('"a"', '"d"') + "\n")
+    with pytest.raises(RecordFileError, match="r.jsonl:2: not a valid ResponseRecord"):
+        read_records(path, ResponseRecord)
+    path.write_text(one + "\n" + one.replace('"a"', '"b"') + "\n" + '{"key": "c", "subt')  # torn last line: dropped
+    assert [r.key for r in read_records(path, ResponseRecord)] == ["a", "b"]
