@@ -215,21 +215,21 @@ def main(argv: list[str] | None = None) -> int:
             return _datasets(args)
         if args.command == "compare":
             from . import gates
-            from .report import compare, paired_runs
+            from .report import comparison, write_report
 
             checks = [gates.parse_gate(g) for g in args.fail_if or []]
             if args.baseline is not None:  # the baseline goes first
                 args.runs = [args.baseline, *(r for r in args.runs if r.resolve() != args.baseline.resolve())]
             if any(g.paired for g in checks) and len(args.runs) < 2:
                 raise ReportError("a regression gate compares runs with the first one (the baseline): give two or more runs")
-            files = compare(args.runs, args.output)
+            c = comparison(args.runs)  # read once: the report and the gates
+            files = write_report(c, args.output)
             for f in files:
                 print(f)
             if not any(f.suffix == ".png" for f in files):
                 print("evalkit: no charts: pip install matplotlib (or 'evalkit[report]')", file=sys.stderr)
-            runs, pairs = paired_runs(args.runs)
-            failed = [line for name, results in runs for line in gates.check(checks, results, name)]
-            failed += [line for name, _ in runs[1:] for line in gates.check_paired(checks, [x for x in pairs if x.run == name], name)]
+            failed = [line for name, results in c.runs for line in gates.check(checks, results, name)]
+            failed += [line for name, _ in c.runs[1:] for line in gates.check_paired(checks, [x for x in c.pairs if x.run == name], name)]
             for line in failed:
                 print(f"evalkit: {line}", file=sys.stderr)
             return EXIT_GATE if failed else 0

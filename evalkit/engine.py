@@ -656,11 +656,14 @@ class Engine:
             body["stream_options"] = {"include_usage": True}
         if self._rps is not None:
             result.waited_s += await self._rps.take(1.0)
-        prompt_estimate, completion_estimate = estimate_tokens(body)
+        # the estimate only where a budget or a price needs it: it walks the whole prompt
+        prompt_estimate, completion_estimate = estimate_tokens(body) if self._tpm is not None or self.price is not None else (0, 0)
         estimate = prompt_estimate + completion_estimate
-        held = 0.0 if self.price is None else self.price.cost(prompt_estimate, completion_estimate)
-        if self.spending is not None and not self.spending.hold(held):
-            raise CostLimitReached(self.spending.stop_message())
+        held = 0.0  # this attempt's worst-case cost, reserved from the run's --max-cost
+        if self.price is not None:
+            held = self.price.cost(prompt_estimate, completion_estimate)
+            if self.spending is not None and not self.spending.hold(held):
+                raise CostLimitReached(self.spending.stop_message())
         if self._tpm is not None:
             result.waited_s += await self._tpm.take(estimate)
         replica = await self._pick_replica()

@@ -129,11 +129,25 @@ def paired(runs, rows: list[Row], outcomes: list[dict]) -> list[Paired]:
     return found
 
 
-def paired_runs(run_dirs: list[Path]) -> tuple[list[tuple[str, dict[str, Any]]], list[Paired]]:
-    """The runs' results, and every run after the first paired with the first."""
+@dataclass(frozen=True)
+class Comparison:
+    """Runs read once: their results, the table's rows and cells, and each run after the first
+    paired with the first (the report and the regression gates both read it)."""
+
+    runs: list[tuple[str, dict[str, Any]]]
+    rows: list[Row]
+    cells: dict[Row, dict[str, dict]]
+    pairs: list[Paired]
+
+
+def comparison(run_dirs: list[Path]) -> Comparison:
+    if not run_dirs:
+        raise ReportError("give at least one run folder (e.g. runs/<model>)")
     runs = load_results(run_dirs)
-    rows, _ = table(runs)
-    return runs, paired(runs, rows, load_outcomes(run_dirs))
+    rows, cells = table(runs)
+    if not rows:
+        raise ReportError("the results hold no metrics: run `evalkit run` (or `evaluate`) first")
+    return Comparison(runs, rows, cells, paired(runs, rows, load_outcomes(run_dirs)))
 
 
 def _paired_lines(runs, pairs: list[Paired]) -> list[str]:
@@ -250,12 +264,12 @@ proportions; error bars in the charts), (TrustLLM code's, where it differs) [ans
 
 def compare(run_dirs: list[Path], out_dir: Path, failed: dict[str, str] | None = None) -> list[Path]:
     """The report of `run_dirs`; `failed` (name -> reason) lists runs that failed, as failed."""
-    if not run_dirs:
-        raise ReportError("give at least one run folder (e.g. runs/<model>)")
-    runs, pairs = paired_runs(run_dirs)
-    rows, cells = table(runs)
-    if not rows:
-        raise ReportError("the results hold no metrics: run `evalkit run` (or `evaluate`) first")
+    return write_report(comparison(run_dirs), out_dir, failed)
+
+
+def write_report(c: Comparison, out_dir: Path, failed: dict[str, str] | None = None) -> list[Path]:
+    """comparison.md, comparison.html and a PNG per dimension in out_dir."""
+    runs, rows, cells, pairs = c.runs, c.rows, c.cells, c.pairs
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "comparison.md"
     md.write_text(markdown(runs, rows, cells, failed, pairs))

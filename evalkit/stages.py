@@ -87,9 +87,9 @@ async def _stages(ctx, stages: tuple[str, ...], checks: list) -> int:
         print(f"evalkit: results in {run_dir / 'results.json'}", file=sys.stderr)
         failed = gates.check(checks, results)
         if any(g.paired for g in checks):
-            from .report import paired_runs
+            from .report import comparison
 
-            failed += gates.check_paired(checks, paired_runs([ctx.cfg.baseline, run_dir])[1])
+            failed += gates.check_paired(checks, comparison([ctx.cfg.baseline, run_dir]).pairs)
         for line in failed:
             print(f"evalkit: {line}", file=sys.stderr)
         if failed:

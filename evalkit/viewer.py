@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from .errors import ViewError
+from .judges.base import user_prompt
 from .records import JudgmentRecord, ResponseRecord, read_records
 
 CATEGORY_FIELDS = ("group", "category", "type")  # the first an item has is its category in the viewer
@@ -42,11 +43,8 @@ def _records(folder: Path, schema):
 
 
 def _prompt_of(r: ResponseRecord) -> str:
-    if r.prompt is not None:
-        return r.prompt
-    users = [m.get("content") for m in r.messages or [] if m.get("role") == "user"]
-    last = users[-1] if users else ""
-    return last if isinstance(last, str) else orjson.dumps(last).decode()
+    text = user_prompt(r)  # a multimodal turn is a list of parts: shown as its JSON
+    return text if isinstance(text, str) else orjson.dumps(text).decode()
 
 
 def collect(run_dirs: list[Path]) -> dict[str, Any]:
