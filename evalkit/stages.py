@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import EXIT_GATE, RunFailed
+from .errors import EXIT_GATE, ConfigError, RunFailed
 
 
 def failure_line(summary: dict[str, Any], what: str) -> str | None:
@@ -34,8 +34,6 @@ async def run_stages(cfg, stages: tuple[str, ...]) -> int:
     tasks = select(cfg.dimensions, cfg.subtasks)
     checks = [gates.parse_gate(g, [t.name for t in tasks]) for g in cfg.fail_if]
     if checks and "judge" not in stages:
-        from .config import ConfigError
-
         raise ConfigError("--fail-if checks scores: use it with `evalkit run` or `evaluate`, not `generate`")
     if any(g.paired for g in checks):
         _check_baseline(cfg.baseline)
@@ -115,8 +113,6 @@ def _print_cost(cost: dict[str, Any], parts: tuple[str, ...]) -> None:
 
 def _check_baseline(baseline: Path | None) -> None:
     """A regression gate's baseline run is named and scored, before any request is sent."""
-    from .config import ConfigError
-
     if baseline is None:
         raise ConfigError("a regression gate (\"... increases significantly\") compares with a baseline run: "
                           "pass --baseline RUN (a run folder with results.json), or gate with `evalkit compare BASELINE RUN`")
@@ -127,8 +123,6 @@ def _check_baseline(baseline: Path | None) -> None:
 
 def _check_writable(run_dir: Path) -> None:
     """The run folder can be made and written, before any request is sent."""
-    from .config import ConfigError
-
     probe = run_dir / ".evalkit-write-check"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +148,6 @@ def _print_replicas(summary: dict[str, Any]) -> None:
 
 
 def _existing_run(cfg) -> tuple[Path, str]:
-    from .config import ConfigError
     from .manifest import load_manifest, model_slug
 
     if cfg.run_name:
