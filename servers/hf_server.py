@@ -28,7 +28,6 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,98 +38,39 @@ from aiohttp import web
 from evalkit import wire
 
 from . import recipe as recipes
+from .batching import DecodeLoop, Limits, Row, Sampling
 from .loading import QUANTS, Loaded, LoadError, load, model_spec
 from .spec import HF_FIELDS, add_arguments, from_namespace
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, etype: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, etype: str = "invalid_request_error", param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.etype, self.param = status, message, etype, param
+        self.status, self.message, self.etype, self.param, self.headers = status, message, etype, param, headers
 
     def response(self) -> web.Response:
         body = {"error": {"message": self.message, "type": self.etype, "param": self.param, "code": None}}
-        return web.Response(status=self.status, body=orjson.dumps(body), content_type="application/json")
-
-
-@dataclass
-class Job:
-    prompt_ids: list[int]
-    max_new_tokens: int
-    sampling: tuple  # (do_sample, temperature, top_p, top_k, seed): rows batch together only if equal
-    stop: list[str]
-    logprobs: int | None  # None: none; k >= 0: chosen token's logprob plus k alternatives
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    stream: asyncio.Queue | None = None
-    # filled by the generator
-    text: str = ""
-    finish_reason: str = "length"
-    completion_tokens: int = 0
-    token_logprobs: list[dict] = field(default_factory=list)
-
-
-class RowStreamer:
-    """transformers streamer for a whole batch: each row's new text goes to that row's queue."""
-
-    def __init__(self, server: Generator, jobs: list[Job]):
-        self.server, self.jobs = server, jobs
-        self.tokens: list[list[int]] = [[] for _ in jobs]
-        self.sent = [0] * len(jobs)
-        self.done = [False] * len(jobs)
-        self.first = True
-
-    def put(self, value) -> None:
-        if self.first:  # the prompt ids come first
-            self.first = False
-            return
-        ids = value.reshape(-1).tolist()
-        for i, (job, tok) in enumerate(zip(self.jobs, ids)):
-            if self.done[i] or job.stream is None:  # a batch may mix streaming and plain requests
-                continue
-            if tok in self.server.eos_ids or len(self.tokens[i]) >= job.max_new_tokens:
-                self.done[i] = True
-                continue
-            self.tokens[i].append(tok)
-            text, stopped = self.server.cut_at_stop(self.server.decode(self.tokens[i]), job.stop)
-            if stopped:
-                self.done[i] = True
-            # hold back what could be the start of a stop string or an unfinished character
-            hold = 0 if stopped else max((len(s) - 1 for s in job.stop), default=0)
-            safe = len(text) - hold
-            if text.endswith("\ufffd") and not stopped:
-                safe = min(safe, len(text) - 1)
-            if safe > self.sent[i]:
-                job.loop.call_soon_threadsafe(job.stream.put_nowait, text[self.sent[i] : safe])
-                self.sent[i] = safe
-
-    def end(self) -> None:
-        pass
+        return web.Response(status=self.status, body=orjson.dumps(body), content_type="application/json", headers=self.headers)
 
 
 class Generator:
-    """Owns the model: the batch queue, the batcher task and the generation thread."""
+    """The model's side of the server: the continuous-batching decode loop (servers/batching.py)
+    and prompt scoring, which share the model under one lock."""
 
-    def __init__(self, loaded: Loaded, max_batch_size: int, batch_wait: float):
+    def __init__(self, loaded: Loaded, limits: Limits):
         self.loaded = loaded
         self.tok = loaded.tokenizer
         self.model = loaded.model
-        self.max_batch_size = max_batch_size
-        self.batch_wait = batch_wait
-        self.queue: asyncio.Queue[Job] = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        eos = getattr(self.model.generation_config, "eos_token_id", None) or self.tok.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else next(iter(self.eos_ids))
-        self.batches = 0
-        self.rows = 0
+        self.lock = threading.Lock()
+        self.loop = DecodeLoop(loaded.model, loaded.tokenizer, limits, device=loaded.device, model_lock=self.lock)
 
     def prompt_logprobs(self, ids: list[int], k: int) -> list[dict]:
         """Each prompt token's logprob given the tokens before it (one forward pass), with the k
-        likeliest alternatives; the first token has none. Runs in the generation thread."""
+        likeliest alternatives; the first token has none. Runs in a worker thread."""
         import torch
 
-        with torch.inference_mode():
+        with self.lock, torch.inference_mode():
             logits = self.model(input_ids=torch.tensor([ids], device=self.loaded.device)).logits[0, :-1]
             logp = logits.float().log_softmax(-1)
             chosen = logp.gather(1, torch.tensor(ids[1:], device=logp.device).unsqueeze(1)).squeeze(1).tolist()
@@ -142,103 +82,11 @@ class Generator:
             out.append({"token": self.tok.decode([t]), "logprob": lp, "top_logprobs": alts})
         return out
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    @staticmethod
-    def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        return (text[:cut], True) if cut >= 0 else (text, False)
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            deadline = loop.time() + self.batch_wait
-            while len(batch) < self.max_batch_size:
-                if not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
-                    continue
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-                except TimeoutError:
-                    break
-            groups: dict[tuple, list[Job]] = {}
-            for job in batch:
-                groups.setdefault(job.sampling, []).append(job)
-            for jobs in groups.values():
-                jobs = [j for j in jobs if not j.future.cancelled()]
-                if jobs:
-                    await loop.run_in_executor(self.executor, self._generate, jobs)
-
-    def _generate(self, jobs: list[Job]) -> None:
-        import torch
-
-        try:
-            do_sample, temperature, top_p, top_k, seed = jobs[0].sampling
-            width = max(len(j.prompt_ids) for j in jobs)
-            ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(jobs), width), dtype=torch.long)
-            for i, j in enumerate(jobs):  # left padding: every row ends where generation starts
-                ids[i, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
-                mask[i, width - len(j.prompt_ids) :] = 1
-            want_logprobs = any(j.logprobs is not None for j in jobs)
-            kwargs: dict[str, Any] = {
-                "max_new_tokens": max(j.max_new_tokens for j in jobs),
-                "do_sample": do_sample,
-                "pad_token_id": self.pad_id,
-                "eos_token_id": sorted(self.eos_ids),
-                "return_dict_in_generate": True,
-                "output_logits": want_logprobs,
-            }
-            if do_sample:
-                kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-            else:
-                kwargs.update(temperature=None, top_p=None, top_k=None)
-            if any(j.stream is not None for j in jobs):
-                kwargs["streamer"] = RowStreamer(self, jobs)
-            if seed is not None:
-                torch.manual_seed(seed)
-            with torch.inference_mode():
-                out = self.model.generate(
-                    input_ids=ids.to(self.loaded.device), attention_mask=mask.to(self.loaded.device), **kwargs
-                )
-            new = out.sequences[:, width:].tolist()
-            logp = torch.stack(out.logits, dim=1).float().log_softmax(-1) if want_logprobs else None
-            for i, j in enumerate(jobs):
-                self._finish_row(j, new[i], logp[i] if logp is not None else None)
-            self.batches += 1
-            self.rows += len(jobs)
-        except Exception as e:
-            for j in jobs:
-                if not j.future.done():
-                    j.loop.call_soon_threadsafe(_set_exception, j.future, e)
-
-    def _finish_row(self, job: Job, row: list[int], logp) -> None:
-        toks: list[int] = []
-        finish = "length"
-        for t in row[: job.max_new_tokens]:
-            if t in self.eos_ids:
-                finish = "stop"
-                break
-            toks.append(t)
-        text, stopped = self.cut_at_stop(self.decode(toks), job.stop)
-        if stopped:
-            finish = "stop"
-        job.text, job.finish_reason, job.completion_tokens = text, finish, len(toks)
-        if logp is not None and job.logprobs is not None:
-            for pos, t in enumerate(toks):
-                entry = {"token": self.tok.decode([t]), "logprob": float(logp[pos, t]), "top_logprobs": []}
-                if job.logprobs:
-                    vals, idx = logp[pos].topk(job.logprobs)
-                    entry["top_logprobs"] = [
-                        {"token": self.tok.decode([k]), "logprob": float(v)} for v, k in zip(vals.tolist(), idx.tolist())
-                    ]
-                job.token_logprobs.append(entry)
-        job.loop.call_soon_threadsafe(_set_result, job.future, job)
+    def token_logprobs(self, row: Row) -> list[dict]:
+        """A finished row's logprobs in the chat API's shape."""
+        return [{"token": self.tok.decode([t]), "logprob": lp,
+                 "top_logprobs": [{"token": self.tok.decode([a]), "logprob": v} for a, v in alts]}
+                for t, lp, alts in row.token_logprobs]
 
 
 @dataclass
@@ -265,16 +113,6 @@ def _legacy_logprobs(entries: list[dict], start: int, offsets: list[int] | None 
                          for e in entries],
         "text_offset": offsets,
     }
-
-
-def _set_result(fut: asyncio.Future, value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
 
 
 # -- request parsing ---------------------------------------------------------------------------
@@ -319,7 +157,9 @@ class Server:
         if args.chat_template:
             tok.chat_template = Path(args.chat_template).read_text()
         self.has_chat_template = bool(getattr(tok, "chat_template", None))
-        self.generator = Generator(loaded, args.max_batch_size, args.batch_wait_ms / 1000.0) if args.task == "generate" else None
+        limits = Limits(max_rows=args.max_batch_size, max_kv_tokens=args.max_kv_tokens, max_waiting=args.max_waiting,
+                        batch_wait=args.batch_wait_ms / 1000.0)
+        self.generator = Generator(loaded, limits) if args.task == "generate" else None
         self.embed_lock = threading.Lock()
         self.started = time.time()
 
@@ -335,7 +175,7 @@ class Server:
 
     async def _start(self, app: web.Application) -> None:
         if self.generator is not None:
-            app["batcher"] = asyncio.create_task(self.generator.run())
+            self.generator.loop.start()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
@@ -356,7 +196,7 @@ class Server:
     async def health(self, request: web.Request) -> web.Response:
         stats = {"status": "ok", "model": self.name, "uptime_s": round(time.time() - self.started, 1)}
         if self.generator is not None:
-            stats.update(batches=self.generator.batches, rows=self.generator.rows, queued=self.generator.queue.qsize())
+            stats.update(self.generator.loop.snapshot())
         return web.json_response(stats)
 
     async def models(self, request: web.Request) -> web.Response:
@@ -465,80 +305,70 @@ class Server:
         stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
             raise APIError(400, "'stop' must be a string or a list of up to 4 non-empty strings", param="stop")
-        do_sample = temperature > 1e-5
-        sampling = (do_sample, temperature, top_p, top_k if top_k > 0 else None, seed) if do_sample else (False, None, None, None, seed)
+        row = Row(ids, max_tokens, Sampling(temperature, top_p, max(top_k, 0), seed), stop, logprobs)
+        if not gen.loop.fits(row):
+            raise APIError(400, f"this request needs {row.reserved} KV-cache tokens ({len(ids)} in the prompt, {max_tokens} "
+                                f"in the completion) and the server holds at most {gen.loop.limits.max_kv_tokens} "
+                                f"(--max-kv-tokens): lower max_tokens or restart the server with a larger bound", param="max_tokens")
         loop = asyncio.get_running_loop()
         if echo is not None and logprobs is not None:  # scored once the request is known to be valid
-            echo.logprobs = await loop.run_in_executor(gen.executor, gen.prompt_logprobs, ids, logprobs)
-        job = Job(ids, max_tokens, sampling, stop, logprobs, loop, loop.create_future(), asyncio.Queue() if stream else None)
+            echo.logprobs = await loop.run_in_executor(None, gen.prompt_logprobs, ids, logprobs)
+        # the decode thread reports through the event loop: streamed text, then None once the row is done
+        events: asyncio.Queue[str | None] = asyncio.Queue()
+        if stream:
+            row.on_text = lambda text: loop.call_soon_threadsafe(events.put_nowait, text)
+        row.on_done = lambda _: loop.call_soon_threadsafe(events.put_nowait, None)
         if max_tokens == 0:
-            job.finish_reason = "length"
-            job.future.set_result(job)
-        else:
-            await gen.queue.put(job)
+            events.put_nowait(None)
+        elif not gen.loop.submit(row):
+            waiting = gen.loop.limits.max_waiting
+            raise APIError(503, f"the server is full ({waiting} requests waiting besides the running ones): retry later",
+                           "server_error", headers={"Retry-After": "1"})
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        if stream:
-            return await self._stream(request, body, job, cid, created, chat, len(ids))
         try:
-            await job.future
-        except asyncio.CancelledError:
-            job.future.cancel()
+            if stream:
+                return await self._stream(request, body, row, events, cid, created, chat, len(ids))
+            while await events.get() is not None:
+                pass
+        except (ConnectionResetError, asyncio.CancelledError):  # the client went away: stop generating for it
+            gen.loop.cancel(row)
             raise
-        except Exception as e:
-            raise APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error") from None
+        if row.error is not None:
+            raise APIError(500, f"generation failed: {type(row.error).__name__}: {row.error}", "server_error")
+        token_logprobs = gen.token_logprobs(row)
         if chat:
-            choice = wire.choice(True, job.text, job.finish_reason, None if logprobs is None else {"content": job.token_logprobs})
+            choice = wire.choice(True, row.text, row.finish_reason, None if logprobs is None else {"content": token_logprobs})
         else:
             legacy = None
             if logprobs is not None:
-                legacy = _legacy_logprobs(job.token_logprobs, len(echo.prompt) if echo else 0)
+                legacy = _legacy_logprobs(token_logprobs, len(echo.prompt) if echo else 0)
                 if echo is not None:  # the prompt comes first, in the logprobs as in the text
                     prompt_part = _legacy_logprobs(echo.logprobs, 0, echo.offsets)
                     legacy = {k: prompt_part[k] + v for k, v in legacy.items()}
-            choice = wire.choice(False, (echo.prompt if echo is not None else "") + job.text, job.finish_reason, legacy)
-        body_bytes = wire.completion(chat, cid, created, self.name, choice, wire.usage(len(ids), job.completion_tokens))
+            choice = wire.choice(False, (echo.prompt if echo is not None else "") + row.text, row.finish_reason, legacy)
+        body_bytes = wire.completion(chat, cid, created, self.name, choice, wire.usage(len(ids), len(row.tokens)))
         return web.Response(body=body_bytes, content_type="application/json")
 
-    async def _stream(self, request, body, job: Job, cid, created, chat: bool, n_prompt: int) -> web.StreamResponse:
+    async def _stream(self, request, body, row: Row, events: asyncio.Queue, cid, created, chat: bool, n_prompt: int) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         stream = wire.Stream(chat, cid, created, self.name)
         sent = ""
         if chat:
             await resp.write(stream.piece("", first=True))
-        queue = job.stream
-        assert queue is not None
-        waiter = asyncio.ensure_future(job.future)
-        try:
-            while True:
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    text = getter.result()
-                    sent += text
-                    await resp.write(stream.piece(text))
-                    continue
-                getter.cancel()
-                break
-            while not queue.empty():
-                text = queue.get_nowait()
-                sent += text
-                await resp.write(stream.piece(text))
-            try:
-                waiter.result()
-            except Exception as e:
-                await resp.write(wire.stream_error(f"generation failed: {e}"))
-                return resp
-            if job.text.startswith(sent) and len(job.text) > len(sent):  # held-back tail
-                await resp.write(stream.piece(job.text[len(sent):]))
-            await resp.write(stream.finish(job.finish_reason))
-            if (body.get("stream_options") or {}).get("include_usage"):
-                await resp.write(stream.usage(n_prompt, job.completion_tokens))
-            await resp.write(wire.DONE)
-        except (ConnectionResetError, asyncio.CancelledError):
-            job.future.cancel()
-            raise
+        while (text := await events.get()) is not None:
+            sent += text
+            await resp.write(stream.piece(text))
+        if row.error is not None:
+            await resp.write(wire.stream_error(f"generation failed: {row.error}"))
+            return resp
+        if row.text.startswith(sent) and len(row.text) > len(sent):  # held-back tail
+            await resp.write(stream.piece(row.text[len(sent):]))
+        await resp.write(stream.finish(row.finish_reason))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await resp.write(stream.usage(n_prompt, len(row.tokens)))
+        await resp.write(wire.DONE)
         return resp
 
     async def embeddings(self, request: web.Request) -> web.Response:
@@ -587,7 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none")
     p.add_argument("--read-timeout", type=float, default=30.0,
                    help="seconds a client may take to send a request's headers or body, or stay idle, before it is cut off [30]")
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-batch-size", type=int, default=64, help="most requests generated together (rows in the running batch) [64]")
+    p.add_argument("--max-kv-tokens", type=int, default=65536,
+                   help="bound on the running batch's KV cache, in tokens (rows x their longest prompt + max_tokens); "
+                        "requests wait beyond it [65536]")
+    p.add_argument("--max-waiting", type=int, default=1024,
+                   help="requests that may wait for a place in the batch; more get 503 with Retry-After [1024]")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long an idle server waits for more requests to batch")
     p.add_argument("--api-key-env", help="require the key held in this environment variable (Bearer)")
     return p
@@ -610,7 +445,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"hf_server: serving {server.name} ({args.quant}, {loaded.device}) on http://{args.host}:{args.port}/v1", flush=True)
     # keepalive_timeout: aiohttp closes a connection that has not sent a whole request by then,
     # which is the header timeout against slowloris (the body one is in Server._body)
-    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None, keepalive_timeout=args.read_timeout)
+    # handler_cancellation: a client that disconnects cancels its handler, which cancels its row
+    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None, keepalive_timeout=args.read_timeout,
+                handler_cancellation=True)
 
 
 if __name__ == "__main__":

@@ -220,7 +220,7 @@ def test_bad_request_matrix_and_the_server_survives(server):
     assert c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=3).choices[0].message.content is not None
 
 
-def test_64_concurrent_requests_are_answered_in_batches(server):
+def test_64_concurrent_requests_are_generated_together(server):
     before = server.health()
 
     async def go():
@@ -236,8 +236,12 @@ def test_64_concurrent_requests_are_answered_in_batches(server):
     outs = asyncio.run(go())
     assert len(outs) == 64 and all(o.choices[0].message.content is not None for o in outs)
     after = server.health()
-    rows, batches = after["rows"] - before["rows"], after["batches"] - before["batches"]
-    assert rows == 64 and batches < 16, f"64 requests took {batches} generate calls: not batched"
+    admitted, steps = after["admitted"] - before["admitted"], after["steps"] - before["steps"]
+    tokens = sum(o.usage.completion_tokens for o in outs)
+    assert admitted == 64 and after["tokens"] - before["tokens"] == tokens
+    # one at a time, every token after a request's first would take a decode step of its own
+    assert steps < (tokens - 64) / 4, f"{tokens} tokens for 64 requests took {steps} decode steps: not batched"
+    assert after["running"] == 0 and after["waiting"] == 0
 
 
 def test_streaming_and_plain_requests_share_a_batch(server):
