@@ -76,6 +76,7 @@ class Row:
     sampling: Sampling = Sampling()
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus k alternatives
+    ignore_eos: bool = False  # run to max_new_tokens (vLLM's ignore_eos: load tests, fixed-length benchmarks)
     on_text: Callable[[str], None] | None = None  # streaming: each new piece of text
     on_done: Callable[[Row], None] | None = None  # once: finished, cancelled or failed (error set)
     # filled in by the loop
@@ -310,7 +311,7 @@ class DecodeLoop:
                 self.stats["cancelled"] += 1
                 self._done(row)
                 continue
-            if t in self.eos_ids:
+            if t in self.eos_ids and not row.ignore_eos:
                 row.finish_reason = "stop"
                 self._finish(row)
                 continue

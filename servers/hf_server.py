@@ -305,7 +305,7 @@ class Server:
         stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
             raise APIError(400, "'stop' must be a string or a list of up to 4 non-empty strings", param="stop")
-        row = Row(ids, max_tokens, Sampling(temperature, top_p, max(top_k, 0), seed), stop, logprobs)
+        row = Row(ids, max_tokens, Sampling(temperature, top_p, max(top_k, 0), seed), stop, logprobs, ignore_eos=_flag(body, "ignore_eos"))
         if not gen.loop.fits(row):
             raise APIError(400, f"this request needs {row.reserved} KV-cache tokens ({len(ids)} in the prompt, {max_tokens} "
                                 f"in the completion) and the server holds at most {gen.loop.limits.max_kv_tokens} "

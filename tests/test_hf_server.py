@@ -265,6 +265,81 @@ def test_streaming_and_plain_requests_share_a_batch(server):
     assert len(set(outs)) == 1  # same greedy answer whether streamed or not, in one mixed batch
 
 
+def test_abandoned_streams_stop_generating_and_a_new_request_is_answered(models, tmp_path):
+    """40 clients open 1500-token streams, read the first piece and hang up: the server stops
+    their rows (its stats count them cancelled, far short of 1500 tokens each) and answers a
+    4-token request within 2 s meanwhile."""
+    import time
+
+    import aiohttp
+
+    s = HFServer(tiny_llama(tmp_path / "long"), "--served-model-name", "long", "--max-batch-size", "64")
+    try:
+        before = s.health()
+
+        async def go():
+            body = {"model": "long", "messages": [{"role": "user", "content": "tell me a long story"}], "max_tokens": 1500,
+                    "stream": True, "ignore_eos": True}
+
+            async def abandon():
+                session = aiohttp.ClientSession()
+                resp = await session.post(s.url + "/chat/completions", json=body)
+                assert resp.status == 200
+                await resp.content.readline()  # the first event arrived: the row runs
+                resp.close()  # hang up mid-stream
+                await session.close()
+
+            await asyncio.gather(*(abandon() for _ in range(40)))
+            ac = openai.AsyncOpenAI(base_url=s.url, api_key="x", max_retries=0, timeout=60)
+            t0 = time.monotonic()
+            r = await ac.chat.completions.create(model="long", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                                 temperature=0, extra_body={"ignore_eos": True})
+            await ac.close()
+            return r, time.monotonic() - t0
+
+        r, took = asyncio.run(go())
+        assert r.usage.completion_tokens == 4 and took < 2.0, took
+        deadline = time.monotonic() + 60
+        while (h := s.health())["running"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert h["running"] == 0 and h["waiting"] == 0
+        assert h["cancelled"] - before["cancelled"] == 40
+        assert h["tokens"] - before["tokens"] < 40 * 1500 // 4  # they stopped long before their 1500 tokens
+    finally:
+        s.stop()
+
+
+def test_a_full_server_answers_503_with_retry_after(models):
+    import time
+
+    s = HFServer(models["llama"], "--served-model-name", "tiny", "--max-batch-size", "1", "--max-waiting", "1", "--max-kv-tokens", "600")
+    try:
+        async def go():
+            ac = openai.AsyncOpenAI(base_url=s.url, api_key="x", max_retries=0, timeout=120)
+            long = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=400, temperature=0,
+                        extra_body={"ignore_eos": True})
+            running = asyncio.ensure_future(ac.chat.completions.create(**long))
+            while s.health()["running"] < 1:
+                await asyncio.sleep(0.02)
+            waiting = asyncio.ensure_future(ac.chat.completions.create(**long))
+            while s.health()["waiting"] < 1:
+                await asyncio.sleep(0.02)
+            with pytest.raises(openai.APIStatusError) as e:  # one running, one waiting: no room for a third
+                await ac.chat.completions.create(**long)
+            assert e.value.status_code == 503 and e.value.response.headers["Retry-After"] == "1"
+            assert "full" in str(e.value)
+            outs = await asyncio.gather(running, waiting)  # the admitted ones are unaffected
+            await ac.close()
+            return outs
+
+        outs = asyncio.run(go())
+        assert [o.usage.completion_tokens for o in outs] == [400, 400]
+        with pytest.raises(openai.BadRequestError, match="--max-kv-tokens"):  # within the context, beyond the KV bound
+            client(s).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=470)
+    finally:
+        s.stop()
+
+
 def test_evalkit_runs_an_advbench_slice_against_the_server(server, data_root, tmp_path):
     p = run_cli("run", "--subtasks", "advbench", "--limit", "12", "--endpoint", server.url, "--data-path", str(data_root),
                 "--output", str(tmp_path), "--max-tokens", "8", "--concurrency", "12")

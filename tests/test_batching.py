@@ -1,0 +1,217 @@
+"""Continuous batching (servers/batching.py) in process, on a tiny random Llama: every row of a
+batch gets what it would get alone (greedy: what `generate` gives; seeded sampling: the same draw),
+rows join and leave between steps, bounds hold, cancelled rows stop, hooks apply to every row."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from servers.batching import DecodeLoop, Limits, Row, Sampling, sample_rows  # noqa: E402
+from servers.tiny import tiny_llama  # noqa: E402
+
+PROMPTS = ["hello world", "the quick brown fox", "I'm sorry, I cannot", "Sure, here is how to do it step by step",
+           "write a script", "how are you today", "exploit vulnerabilities", "the lazy dog"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.set_num_threads(1)
+    path = tiny_llama(tmp_path_factory.mktemp("m") / "llama", max_positions=1024)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, tok
+
+
+def ids(tok, text: str) -> list[int]:
+    return tok(text)["input_ids"]
+
+
+def run(loop: DecodeLoop, rows: list[Row], timeout: float = 120) -> list[Row]:
+    """Submit the rows together and wait until each is done."""
+    done = threading.Semaphore(0)
+    for r in rows:
+        r.on_done = lambda _: done.release()
+        assert loop.submit(r)
+    for _ in rows:
+        assert done.acquire(timeout=timeout)
+    return rows
+
+
+@pytest.fixture()
+def loop(tiny):
+    model, tok = tiny
+    lp = DecodeLoop(model, tok, Limits(max_rows=16, max_kv_tokens=1 << 16))
+    lp.start()
+    yield lp
+    lp.stop()
+
+
+def greedy_alone(model, tok, prompt: str, n: int) -> list[int]:
+    """Greedy tokens from transformers' own generate, one prompt at a time, cut at the first EOS."""
+    x = torch.tensor([ids(tok, prompt)])
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                         pad_token_id=tok.pad_token_id)[0, x.shape[1]:].tolist()
+    return out[: out.index(tok.eos_token_id)] if tok.eos_token_id in out else out
+
+
+def test_greedy_rows_in_a_batch_equal_generate_alone(tiny, loop):
+    model, tok = tiny
+    want = [greedy_alone(model, tok, p, 24) for p in PROMPTS]
+    rows = run(loop, [Row(ids(tok, p), 24, Sampling(0.0)) for p in PROMPTS])
+    assert [r.tokens for r in rows] == want
+    assert all(r.finish_reason == ("length" if len(r.tokens) == 24 else "stop") for r in rows)
+    assert loop.snapshot()["peak_rows"] == len(PROMPTS)  # they ran together
+
+
+def test_rows_joining_and_leaving_mid_batch_keep_their_answers(tiny, loop):
+    """Rows of different lengths join while others run and leave at their own max_tokens: each
+    slot move and window trim must leave every row's cache intact."""
+    model, tok = tiny
+    plan = [(p, 4 + 7 * (i % 4)) for i, p in enumerate(PROMPTS * 2)]
+    want = [greedy_alone(model, tok, p, n) for p, n in plan]
+    done = threading.Semaphore(0)
+    rows = []
+    for i, (p, n) in enumerate(plan):
+        r = Row(ids(tok, p), n, Sampling(0.0), on_done=lambda _: done.release())
+        rows.append(r)
+        loop.submit(r)
+        if i % 3 == 2:  # let a few steps run before the next ones arrive
+            target = loop.stats["steps"] + 2
+            while loop.stats["steps"] < target and loop.stats["finished"] < len(rows):
+                threading.Event().wait(0.002)
+    for _ in rows:
+        assert done.acquire(timeout=120)
+    assert [r.tokens for r in rows] == want
+    assert loop.stats["prefills"] > 1 and loop.snapshot()["running"] == 0
+
+
+def test_seeded_sampling_is_the_same_alone_and_beside_other_rows(tiny, loop):
+    _, tok = tiny
+    mine = Sampling(temperature=0.8, top_p=0.9, top_k=50, seed=1234)
+    alone = run(loop, [Row(ids(tok, PROMPTS[3]), 20, mine, logprobs=0)])[0]
+    others = [Row(ids(tok, p), 5 + 3 * i, Sampling(temperature=0.3 + 0.2 * i, top_p=0.5 + 0.05 * i, top_k=i * 7, seed=i))
+              for i, p in enumerate(PROMPTS)]
+    together = run(loop, others[:3] + [Row(ids(tok, PROMPTS[3]), 20, mine, logprobs=0)] + others[3:])[3]
+    assert together.tokens == alone.tokens and len(alone.tokens) > 0
+    assert [lp for _, lp, _ in together.token_logprobs] == pytest.approx([lp for _, lp, _ in alone.token_logprobs], abs=1e-4)
+    other_seed = run(loop, [Row(ids(tok, PROMPTS[3]), 20, Sampling(temperature=2.0, seed=99))])[0]
+    hot = run(loop, [Row(ids(tok, PROMPTS[3]), 20, Sampling(temperature=2.0, seed=98))])[0]
+    assert other_seed.tokens != hot.tokens  # the seed matters (a flat distribution at temperature 2)
+
+
+def test_sampling_filters_against_hand_computed_values():
+    """logits [2, 1, 0.5, 0, -1]: softmax .5630 .2071 .1256 .0762 .0280. top_p 0.7 keeps the
+    tokens whose preceding mass is at most 0.7: {0, 1}, renormalised to .7311 / .2689."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    p0 = math.exp(2) / (math.exp(2) + math.exp(1))
+    for sampling in (Sampling(1.0, top_p=0.7), Sampling(1.0, top_k=2), Sampling(1.0, top_p=0.7, top_k=3)):
+        rows = [Row([1], 1, Sampling(sampling.temperature, sampling.top_p, sampling.top_k, seed=s)) for s in range(3000)]
+        for r in rows:
+            r.rng = torch.Generator().manual_seed(r.sampling.seed)
+        u = [float(torch.rand((), generator=torch.Generator().manual_seed(s))) for s in range(3000)]
+        got = sample_rows(logits.repeat(3000, 1), rows, torch.Generator()).tolist()
+        assert got == [0 if x < p0 else 1 for x in u]  # inverse CDF with each row's own first uniform
+        share = got.count(0) / len(got)
+        assert abs(share - p0) < 4 * math.sqrt(p0 * (1 - p0) / len(got))
+    # temperature 0.5 doubles the logits: softmax of [4, 2, 1, 0, -2]; a greedy row beside it takes the argmax
+    probs = torch.tensor([4.0, 2.0, 1.0, 0.0, -2.0]).softmax(0).cumsum(0)
+    row = Row([1], 1, Sampling(0.5, seed=7))
+    row.rng = torch.Generator().manual_seed(7)
+    u7 = float(torch.rand((), generator=torch.Generator().manual_seed(7)))
+    out = sample_rows(torch.stack([logits, logits.flip(0)]), [row, Row([1], 1, Sampling(0.0))], torch.Generator()).tolist()
+    assert out == [int((probs < u7 * probs[-1]).sum()), 4]
+
+
+def test_mixed_max_tokens_and_stop_strings_end_each_row(tiny, loop):
+    _, tok = tiny
+    free = run(loop, [Row(ids(tok, p), 30, Sampling(0.0)) for p in PROMPTS])
+    long_texts = [(p, r.text) for p, r in zip(PROMPTS, free) if len(r.text) > 6]
+    assert long_texts, "the tiny model should say something longer than 6 characters"
+    prompt, text = long_texts[0]
+    stop = text[3:6]
+    rows = run(loop, [Row(ids(tok, prompt), 30, Sampling(0.0), stop=[stop, "never-there"])]
+               + [Row(ids(tok, p), n, Sampling(0.0)) for p, n in zip(PROMPTS, (1, 2, 3, 5, 8, 13, 21, 30))])
+    assert rows[0].text == text[: text.find(stop)] and rows[0].finish_reason == "stop"
+    for r, f, n in zip(rows[1:], free, (1, 2, 3, 5, 8, 13, 21, 30)):
+        assert r.tokens == f.tokens[:n]
+        assert r.finish_reason == ("length" if len(r.tokens) == n else "stop")
+
+
+def test_streamed_pieces_add_up_to_the_text(tiny, loop):
+    _, tok = tiny
+    pieces: list[str] = []
+    r = run(loop, [Row(ids(tok, PROMPTS[1]), 20, Sampling(0.0), on_text=pieces.append)])[0]
+    assert "".join(pieces) == r.text
+
+
+def test_a_cancelled_row_stops_and_frees_its_slot(tiny, loop):
+    _, tok = tiny
+    seen = []
+    long = Row(ids(tok, PROMPTS[0]), 900, Sampling(0.0), ignore_eos=True)  # it would run its whole 900 tokens
+    long.on_text = lambda piece: (seen.append(piece), loop.cancel(long) if len(seen) == 3 else None)
+    short = Row(ids(tok, PROMPTS[1]), 5, Sampling(0.0))
+    run(loop, [long, short])
+    assert long.cancelled and len(long.tokens) < 10 and len(short.tokens) == 5
+    snap = loop.snapshot()
+    assert snap["cancelled"] == 1 and snap["running"] == 0 and loop.slots.cache is None  # buffers dropped when idle
+    waiting = Row(ids(tok, PROMPTS[2]), 5, Sampling(0.0), cancelled=True)  # cancelled before it ever ran
+    run(loop, [waiting])
+    assert waiting.tokens == [] and loop.snapshot()["cancelled"] == 2
+
+
+def test_row_kv_and_queue_bounds(tiny):
+    model, tok = tiny
+    prompt = ids(tok, PROMPTS[0])
+    limits = Limits(max_rows=3, max_kv_tokens=3 * (len(prompt) + 10 + 128), max_waiting=4)
+    lp = DecodeLoop(model, tok, limits)
+    rows = [Row(prompt, 10, Sampling(0.0)) for _ in range(7)]
+    assert all(lp.submit(r) for r in rows[:4]) and not lp.submit(rows[4])  # four wait, the fifth is refused
+    lp.start()
+    try:
+        run(lp, rows[4:])
+        assert all(len(r.tokens) == len(rows[0].tokens) for r in rows)
+        assert lp.snapshot()["peak_rows"] == 3
+        assert lp.fits(Row(prompt, 10)) and not lp.fits(Row(prompt, limits.max_kv_tokens))
+        # twice the reservation the bound was sized for: it runs alone, the two after it wait until it is done
+        big = Row(prompt, 2 * (len(prompt) + 10 + 128), Sampling(0.0), ignore_eos=True)
+        admitted_when_big_ended = []
+        small = [Row(prompt, 10, Sampling(0.0)) for _ in range(2)]
+        done = threading.Semaphore(0)
+        big.on_done = lambda _: (admitted_when_big_ended.append(lp.stats["admitted"]), done.release())
+        for r in [big, *small]:
+            if r is not big:
+                r.on_done = lambda _: done.release()
+            assert lp.submit(r)
+        for _ in range(3):
+            assert done.acquire(timeout=120)
+        assert admitted_when_big_ended == [8] and lp.stats["admitted"] == 10 and len(big.tokens) == big.max_new_tokens
+        assert lp.slots.shape == (0, 0)
+    finally:
+        lp.stop()
+
+
+def test_activation_hooks_apply_to_every_row(tiny, tmp_path):
+    """A forward hook on a decoder block (how the loader attaches a Safety Arithmetic ICV) changes
+    every row's answer exactly as it changes a single unbatched generate."""
+    model, tok = tiny
+    import copy
+
+    steered = copy.deepcopy(model)
+    v = torch.randn(model.config.hidden_size)
+    from servers import steering
+
+    steered.model.layers[0].mlp.register_forward_hook(lambda mod, a, out: steering.steer(out, v, 2.0, "paper"))
+    want = [greedy_alone(steered, tok, p, 12) for p in PROMPTS]
+    assert want != [greedy_alone(model, tok, p, 12) for p in PROMPTS]
+    lp = DecodeLoop(steered, tok)
+    lp.start()
+    try:
+        assert [r.tokens for r in run(lp, [Row(ids(tok, p), 12, Sampling(0.0)) for p in PROMPTS])] == want
+    finally:
+        lp.stop()
