@@ -10,11 +10,14 @@ A row leaves as soon as it ends (end of sequence, its own max_new_tokens, one of
 strings) or is cancelled, and its part of the KV cache is dropped at once; columns that no
 remaining row uses are trimmed off the left.
 
-The KV cache is transformers' DynamicCache with every row aligned on the right: row i's tokens
-fill the last `len_i` columns and a 2-D attention mask hides the rest, as `generate` does with
-left padding; positions are counted per row. Each row samples with its own temperature, top-k,
-top-p and, when it has a seed, its own torch.Generator, so a seeded row draws the same numbers
-whatever else runs beside it.
+The KV cache (`Slots`) holds one slot per running row in preallocated buffers, every row aligned
+on the right: row i's tokens fill the last `len_i` columns of the live window and a 2-D attention
+mask hides the rest, as `generate` does with left padding; positions are counted per row. A step
+writes its new column in place (transformers' DynamicCache concatenates the whole cache at every
+step, which was 40% of a step's time on CPU); a row that leaves hands its slot to the last row;
+columns no row uses are dropped from the window's left. Each row samples with its own
+temperature, top-k, top-p and, when it has a seed, its own torch.Generator, so a seeded row draws
+the same numbers whatever else runs beside it.
 
 Why our own loop rather than transformers' continuous-batching manager (`generate_batch`,
 `init_continuous_batching`): on this project's CPU machines the manager's paged cache ran at
@@ -22,9 +25,9 @@ about 0.6x a plain static `generate` batch on SmolLM2-135M (59-70 vs 112 tok/s, 
 tokens), while this loop keeps the plain batched forward pass; `bench/server_throughput.py`
 measures both behind their servers.
 
-Bounds: at most `max_rows` rows run together and their KV reservation (rows x the longest
-prompt + max_new_tokens among them, the shape the right-aligned cache can grow to) stays within
-`max_kv_tokens`; up to `max_waiting` more wait, and `submit` refuses beyond that (the server
+Bounds: at most `max_rows` rows run together and their KV reservation (rows x (the longest
+prompt + max_new_tokens among them + 2 x SLACK spare columns), the shape the right-aligned cache
+can grow to) stays within `max_kv_tokens`; up to `max_waiting` more wait, and `submit` refuses beyond that (the server
 answers 503 with Retry-After). When the last row leaves, freed memory goes back to the OS
 (glibc's malloc_trim), so a burst does not leave the process at its peak size.
 """
@@ -109,19 +112,20 @@ def sample_rows(logits, rows: list[Row], fallback):
     if not idx:
         return out
     x = logits[idx].float() / torch.tensor([rows[i].sampling.temperature for i in idx], device=logits.device).unsqueeze(1)
-    ks = [rows[i].sampling.top_k for i in idx]
-    if any(k > 0 for k in ks):
-        kmax = min(max(ks), x.shape[1])
-        k = torch.tensor([min(k, kmax) if k > 0 else kmax for k in ks], device=x.device)
-        kth = x.topk(kmax, dim=1).values.gather(1, (k - 1).unsqueeze(1))
-        kth[torch.tensor([k <= 0 for k in ks], device=x.device)] = float("-inf")
-        x = x.masked_fill(x < kth, float("-inf"))
-    ps = torch.tensor([rows[i].sampling.top_p for i in idx], device=x.device)
-    if bool((ps < 1.0).any()):
-        sorted_x, order = x.sort(dim=1, descending=True)
+    top_k = [j for j, i in enumerate(idx) if rows[i].sampling.top_k > 0]
+    if top_k:
+        part = x[top_k]
+        k = torch.tensor([min(rows[idx[j]].sampling.top_k, x.shape[1]) for j in top_k], device=x.device)
+        kth = part.topk(int(k.max()), dim=1).values.gather(1, (k - 1).unsqueeze(1))  # each row's k-th largest
+        x[top_k] = part.masked_fill(part < kth, float("-inf"))
+    nucleus = [j for j, i in enumerate(idx) if rows[i].sampling.top_p < 1.0]
+    if nucleus:  # sorting the vocabulary is the costly part: only for the rows that ask for top-p
+        part = x[nucleus]
+        ps = torch.tensor([rows[idx[j]].sampling.top_p for j in nucleus], device=x.device)
+        sorted_x, order = part.sort(dim=1, descending=True)
         probs = sorted_x.softmax(1)
         drop = (probs.cumsum(1) - probs) > ps.unsqueeze(1)  # the likeliest token always stays
-        x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
+        x[nucleus] = torch.full_like(part, float("-inf")).scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
     cdf = x.softmax(1).cumsum(1)
     u = torch.tensor([float(torch.rand((), generator=rows[i].rng or fallback)) for i in idx], device=x.device)
     picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1).clamp(max=x.shape[1] - 1)

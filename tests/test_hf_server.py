@@ -310,7 +310,6 @@ def test_abandoned_streams_stop_generating_and_a_new_request_is_answered(models,
 
 
 def test_a_full_server_answers_503_with_retry_after(models):
-    import time
 
     s = HFServer(models["llama"], "--served-model-name", "tiny", "--max-batch-size", "1", "--max-waiting", "1", "--max-kv-tokens", "600")
     try:
