@@ -88,6 +88,7 @@ class Row:
     finish_reason: str = "length"
     error: BaseException | None = None
     cancelled: bool = False
+    done: bool = False
     token_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     sent: int = 0  # characters of text already streamed
     rng: Any = None
@@ -95,6 +96,16 @@ class Row:
     @property
     def reserved(self) -> int:
         return len(self.prompt_ids) + self.max_new_tokens
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes one token takes in the KV cache: layers x (keys + values) x kv heads x head dim x the
+    compute dtype's size (a quantized model computes, and caches, in its compute dtype)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers * 2 * kv_heads * head_dim * torch.empty((), dtype=model.dtype).element_size()
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -209,10 +220,11 @@ class DecodeLoop:
                 with self.model_lock:
                     self._turn(joiners)
             except Exception as e:  # a failed forward pass fails the rows in it, never the loop
-                for row in joiners + self.running:
-                    row.error = e
-                    self.stats["failed"] += 1
-                    self._done(row)
+                for row in {id(r): r for r in joiners + self.running}.values():
+                    if not row.done:
+                        row.error = e
+                        self.stats["failed"] += 1
+                        self._done(row)
                 self.running, self.lengths, self.pending = [], [], []
                 self.slots.clear()
                 self.reserved_len = 0
@@ -261,7 +273,7 @@ class DecodeLoop:
                 r.rng = torch.Generator(device=self.device)
                 r.rng.manual_seed(r.sampling.seed)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()  # full layers: a sliding-window layer would keep less than the slots need
         logits = self._forward(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), cache)
         self.stats["prefills"] += 1
         self.stats["admitted"] += len(rows)
@@ -364,6 +376,7 @@ class DecodeLoop:
 
     @staticmethod
     def _done(row: Row) -> None:
+        row.done = True
         if row.on_done is not None:
             row.on_done(row)
 

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible server over a transformers model (aiohttp), with dynamic batching.
+"""An OpenAI-compatible server over a transformers model (aiohttp), with continuous batching.
 
     python -m servers.hf_server MODEL [--port 8000] [--quant bnb4|bnb8|hqq] [--device cpu|cuda|auto]
 
@@ -8,11 +8,11 @@ model's short name such as smollm2-135m (servers/model_source.py).
 Endpoints: GET /v1/models, GET /health, POST /v1/chat/completions (SSE streaming or not),
 POST /v1/completions, POST /v1/embeddings (with --task embed).
 
-Requests that arrive together are generated together: a batcher takes every waiting request
-(up to --max-batch-size), groups those with the same sampling settings, left-pads them and runs
-one `generate` call per group in a worker thread, so the event loop keeps accepting requests.
-Per-request max_tokens and stop strings are applied to each row; streaming is per row too
-(a streamer hands each new token of every row to its own SSE response).
+Generation runs in servers/batching.py's decode loop, on its own thread: requests join the running
+batch between decode steps and leave it when they end, each with its own sampling settings, seed,
+max_tokens, stop strings, logprobs and stream. A client that disconnects cancels its row
+(aiohttp's handler cancellation). Bounds: --max-batch-size rows, --max-kv-tokens of KV cache,
+--max-waiting queued requests; past those a request gets 503 with Retry-After.
 
 Bad input gets an OpenAI error object with a 4xx status; a request never kills the server.
 """
@@ -38,7 +38,7 @@ from aiohttp import web
 from evalkit import wire
 
 from . import recipe as recipes
-from .batching import DecodeLoop, Limits, Row, Sampling
+from .batching import DecodeLoop, Limits, Row, Sampling, kv_bytes_per_token
 from .loading import QUANTS, Loaded, LoadError, load, model_spec
 from .spec import HF_FIELDS, add_arguments, from_namespace
 
@@ -157,7 +157,9 @@ class Server:
         if args.chat_template:
             tok.chat_template = Path(args.chat_template).read_text()
         self.has_chat_template = bool(getattr(tok, "chat_template", None))
-        limits = Limits(max_rows=args.max_batch_size, max_kv_tokens=args.max_kv_tokens, max_waiting=args.max_waiting,
+        self.kv_token_bytes = kv_bytes_per_token(loaded.model) if args.task == "generate" else 0
+        max_kv = args.max_kv_tokens or int(args.kv_cache_gb * 2**30) // max(1, self.kv_token_bytes)
+        limits = Limits(max_rows=args.max_batch_size, max_kv_tokens=max_kv, max_waiting=args.max_waiting,
                         batch_wait=args.batch_wait_ms / 1000.0)
         self.generator = Generator(loaded, limits) if args.task == "generate" else None
         self.embed_lock = threading.Lock()
@@ -418,9 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-timeout", type=float, default=30.0,
                    help="seconds a client may take to send a request's headers or body, or stay idle, before it is cut off [30]")
     p.add_argument("--max-batch-size", type=int, default=64, help="most requests generated together (rows in the running batch) [64]")
-    p.add_argument("--max-kv-tokens", type=int, default=65536,
-                   help="bound on the running batch's KV cache, in tokens (rows x their longest prompt + max_tokens); "
-                        "requests wait beyond it [65536]")
+    p.add_argument("--kv-cache-gb", type=float, default=4.0,
+                   help="memory for the running batch's KV cache, in GiB; sets --max-kv-tokens from the model's size of a token [4]")
+    p.add_argument("--max-kv-tokens", type=int,
+                   help="bound on the running batch's KV cache in tokens, counted as rows x (their longest prompt + max_tokens "
+                        "+ 128); requests wait beyond it [from --kv-cache-gb]")
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="requests that may wait for a place in the batch; more get 503 with Retry-After [1024]")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long an idle server waits for more requests to batch")
@@ -442,6 +446,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.task == "generate" and not server.has_chat_template:
         print(f"hf_server: warning: {args.model} has no chat template; /v1/chat/completions will answer 400 "
               f"until the server is started with --chat-template FILE", file=sys.stderr)
+    if server.generator is not None:
+        kv = server.generator.loop.limits.max_kv_tokens
+        print(f"hf_server: KV cache bound {kv:,} tokens ({kv * server.kv_token_bytes / 2**30:.2f} GiB at "
+              f"{server.kv_token_bytes / 1024:.0f} KiB a token), up to {args.max_batch_size} rows", flush=True)
     print(f"hf_server: serving {server.name} ({args.quant}, {loaded.device}) on http://{args.host}:{args.port}/v1", flush=True)
     # keepalive_timeout: aiohttp closes a connection that has not sent a whole request by then,
     # which is the header timeout against slowloris (the body one is in Server._body)

@@ -215,3 +215,32 @@ def test_activation_hooks_apply_to_every_row(tiny, tmp_path):
         assert [r.tokens for r in run(lp, [Row(ids(tok, p), 12, Sampling(0.0)) for p in PROMPTS])] == want
     finally:
         lp.stop()
+
+
+def test_kv_bytes_per_token_for_smollm2_shapes():
+    """SmolLM2-135M: 30 layers, 9 query heads, 3 KV heads of 64 dims: 30 x 2 x 3 x 64 = 11,520
+    values a token, 46,080 bytes in fp32 and 23,040 in bf16."""
+    from servers.batching import kv_bytes_per_token
+
+    cfg = transformers.LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30,
+                                   intermediate_size=1536, vocab_size=49152)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    assert kv_bytes_per_token(model) == 46_080
+    assert kv_bytes_per_token(model.to(torch.bfloat16)) == 23_040
+
+
+def test_a_failed_forward_pass_fails_its_rows_and_the_loop_goes_on(tiny, loop):
+    model, tok = tiny
+
+    def boom(*args):
+        raise RuntimeError("out of memory, say")
+
+    hook = model.model.layers[0].register_forward_hook(boom)
+    try:
+        failed = run(loop, [Row(ids(tok, p), 8, Sampling(0.0)) for p in PROMPTS[:3]])
+    finally:
+        hook.remove()
+    assert all(isinstance(r.error, RuntimeError) and r.done for r in failed) and loop.snapshot()["failed"] == 3
+    ok = run(loop, [Row(ids(tok, PROMPTS[0]), 8, Sampling(0.0))])[0]
+    assert ok.error is None and ok.tokens == greedy_alone(model, tok, PROMPTS[0], 8)

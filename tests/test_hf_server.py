@@ -266,9 +266,9 @@ def test_streaming_and_plain_requests_share_a_batch(server):
 
 
 def test_abandoned_streams_stop_generating_and_a_new_request_is_answered(models, tmp_path):
-    """40 clients open 1500-token streams, read the first piece and hang up: the server stops
-    their rows (its stats count them cancelled, far short of 1500 tokens each) and answers a
-    4-token request within 2 s meanwhile."""
+    """40 clients open 1500-token streams, read the first piece and hang up, 5 more give up on a
+    plain request: the server stops their rows (its stats count them cancelled, far short of 1500
+    tokens each) and answers a 4-token request within 2 s meanwhile."""
     import time
 
     import aiohttp
@@ -289,7 +289,13 @@ def test_abandoned_streams_stop_generating_and_a_new_request_is_answered(models,
                 resp.close()  # hang up mid-stream
                 await session.close()
 
-            await asyncio.gather(*(abandon() for _ in range(40)))
+            async def give_up():  # a plain (not streamed) request whose client times out and closes
+                async with aiohttp.ClientSession() as session:
+                    with pytest.raises(TimeoutError):
+                        await session.post(s.url + "/chat/completions", json={**body, "stream": False},
+                                           timeout=aiohttp.ClientTimeout(total=1.0))
+
+            await asyncio.gather(*(abandon() for _ in range(40)), *(give_up() for _ in range(5)))
             ac = openai.AsyncOpenAI(base_url=s.url, api_key="x", max_retries=0, timeout=60)
             t0 = time.monotonic()
             r = await ac.chat.completions.create(model="long", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
@@ -303,8 +309,8 @@ def test_abandoned_streams_stop_generating_and_a_new_request_is_answered(models,
         while (h := s.health())["running"] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert h["running"] == 0 and h["waiting"] == 0
-        assert h["cancelled"] - before["cancelled"] == 40
-        assert h["tokens"] - before["tokens"] < 40 * 1500 // 4  # they stopped long before their 1500 tokens
+        assert h["cancelled"] - before["cancelled"] == 45
+        assert h["tokens"] - before["tokens"] < 45 * 1500 // 4  # they stopped long before their 1500 tokens
     finally:
         s.stop()
 
