@@ -317,12 +317,11 @@ class DecodeLoop:
 
     def _record(self, rows: list[Row], logits, tokens: list[int]) -> list[int]:
         """Give each row its new token; finish the rows that end here. The indices of the rest."""
-        toks = tokens
         logp = None
         if any(r.logprobs is not None for r in rows):
             logp = logits.log_softmax(-1)
         keep = []
-        for i, (row, t) in enumerate(zip(rows, toks)):
+        for i, (row, t) in enumerate(zip(rows, tokens)):
             if row.cancelled:
                 self.stats["cancelled"] += 1
                 self._done(row)
@@ -367,9 +366,7 @@ class DecodeLoop:
         return stopped
 
     def _finish(self, row: Row) -> None:
-        if row.stop:  # the stop check cut the text; a token after the cut is not part of the answer
-            row.text, _ = cut_at_stop(self.tok.decode(row.tokens, skip_special_tokens=True), row.stop)
-        else:
+        if not (row.stop or row.on_text is not None):  # otherwise _emit has kept row.text current, cut at a stop
             row.text = self.tok.decode(row.tokens, skip_special_tokens=True)
         self.stats["finished"] += 1
         self._done(row)
