@@ -8,9 +8,13 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
+from pydantic.fields import FieldInfo
+
+from .config import EngineConfig, RunConfig, load_config
 from .errors import EXIT_AUTH, EXIT_COST, EXIT_FAILED, EXIT_GATE, EXIT_USAGE  # noqa: F401 - the codes, with the tree
+from .judges import FLAT_OPTIONS, JUDGES, OPTIONS, TOXICITY_JUDGES
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
@@ -39,22 +43,11 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--system-prompt", help="system prompt for every subtask ('' for none) [per subtask]")
     g = p.add_argument_group("judges")
-    g.add_argument("--judges", help="comma list of keyword, classifier, llm [per subtask default]")
-    g.add_argument("--judge-endpoint", action="append", help="base URL of the LLM judge (replicas allowed)")
-    g.add_argument("--judge-model", help="model id of the LLM judge")
-    g.add_argument("--judge-api-key-env", help="environment variable holding the judge's API key")
-    g.add_argument("--embed-endpoint", action="append", help="base URL of an embeddings endpoint (/v1/embeddings), for embedding-scored subtasks")
-    g.add_argument("--embed-model", help="model id of the embeddings endpoint")
-    g.add_argument("--embed-api-key-env", help="environment variable holding the embeddings endpoint's API key")
-    g.add_argument("--classifier-model", help="HF id or local path of the refusal classifier [LibrAI/longformer-harmful-ro]")
-    g.add_argument("--classifier-device", help="cpu, cuda, cuda:N [cpu]")
-    g.add_argument("--classifier-batch-size", type=int)
-    g.add_argument("--toxicity-judges", help="comma list of toxicity_classifier, perspective, llm [toxicity_classifier]")
-    g.add_argument("--toxicity-model", help="HF id or local path of the toxicity classifier [unitary/toxic-bert]")
-    g.add_argument("--toxicity-label", help="the classifier's toxic label, whose probability is the score [toxic]")
-    g.add_argument("--perspective-endpoint", action="append", help="Perspective API base URL (a stand-in for tests) "
-                   "[https://commentanalyzer.googleapis.com/v1alpha1]")
-    g.add_argument("--perspective-api-key-env", help="environment variable holding the Perspective key [PERSPECTIVE_API_KEY]")
+    g.add_argument("--judges", help=f"comma list of {', '.join(JUDGES)} [per subtask default]")
+    g.add_argument("--toxicity-judges", help=f"comma list of {', '.join(TOXICITY_JUDGES)} [toxicity_classifier]")
+    for cls in OPTIONS.values():  # each judge module's own options (judges/base.py JudgeOptions)
+        for field, info in cls.model_fields.items():
+            _option(g, cls.flag(field), info)
     g = p.add_argument_group("engine")
     g.add_argument("--concurrency", type=int, help="requests in flight [64]")
     g.add_argument("--rps", type=float, help="max requests started per second, paced smoothly [unlimited]")
@@ -83,12 +76,26 @@ def _gate_option(p: argparse.ArgumentParser) -> None:
                         "picks one judge); checked before any request is sent")
 
 
+def _option(g: argparse._ArgumentGroup, flag: str, info: FieldInfo) -> None:
+    """A command-line option from a pydantic field: its type, its description as help, its default in brackets."""
+    default = info.get_default(call_default_factory=True)
+    shown = ",".join(default) if isinstance(default, list) else default
+    help_ = (info.description or "") + (" (repeat, or comma-separate)" if isinstance(default, list) else "")
+    help_ += f" [{shown}]" if shown not in (None, "") else ""
+    kind = next((t for t in (get_origin(info.annotation), *get_args(info.annotation), info.annotation) if t in (list, int, float, str)), None)
+    if kind is None:
+        raise TypeError(f"{flag}: options of type {info.annotation} have no command-line form: use str, int, float or list[str]")
+    if kind is list:
+        g.add_argument(flag, action="append", help=help_)
+    else:
+        g.add_argument(flag, type=kind, help=help_)
+
+
+# every RunConfig name the command line may set (argparse dest = the underscored name; a name with
+# no option, such as backoff_base, is simply never given); `prices` lives only in config files
 CONFIG_FIELDS = (
-    "endpoint endpoints_file deployment model api_key_env api wait dimensions subtasks data_path accept_modified_data limit max_tokens temperature top_p seed "
-    "system_prompt judges judge_endpoint judge_model judge_api_key_env embed_endpoint embed_model embed_api_key_env "
-    "classifier_model classifier_device toxicity_judges toxicity_model toxicity_label perspective_endpoint perspective_api_key_env "
-    "classifier_batch_size concurrency rps tpm max_attempts attempt_timeout max_request_time stream progress output run_name restart fail_if baseline max_cost"
-).split()
+    [f for f in RunConfig.model_fields if f not in ("engine", "judge", "prices")] + list(EngineConfig.model_fields) + list(FLAT_OPTIONS)
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,9 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_from(args: argparse.Namespace):
-    from .config import load_config
-
+def _config_from(args: argparse.Namespace) -> RunConfig:
     overrides: dict[str, Any] = {f: getattr(args, f, None) for f in CONFIG_FIELDS}
     if args.system_prompt is not None:
         overrides["system_prompt"] = args.system_prompt
@@ -169,6 +174,8 @@ def _list(args: argparse.Namespace) -> int:
     width = max(map(len, REGISTRY))
     for spec in REGISTRY.values():
         print(f"  {spec.name:{width}}  {'/'.join(spec.questions):22}  {spec.summary}")
+        for cls in spec.options:
+            print(f"  {'':{width}}  {'':22}  [judge.{cls.section}]: {' '.join(map(cls.flag, cls.model_fields))}")
     print("\ndatasets (`evalkit datasets list` checks them):")
     for ds in datasets.registry().values():
         print(f"  {ds.name:12} {len(ds.files):3} files  {ds.license}")

@@ -1,108 +1,35 @@
-"""Run configuration: pydantic models, TOML loading, API-key resolution.
+"""Run configuration: pydantic models and TOML loading.
 
 A config file holds the same names as the command-line options (with underscores), e.g.
 
     endpoint = ["http://127.0.0.1:8000/v1"]
     subtasks = ["advbench", "jailbreak"]
-    concurrency = 128
+    concurrency = 128              # or in an [engine] table
 
-Command-line values override the file. API keys are never part of the config: the config
-names the environment variable that holds the key, and the key is read when a request is
-sent, so it cannot leak into manifests, results or logs.
+    [judge.llm]                    # a judge's options: its own table (or judge_endpoint = ... flat)
+    endpoint = ["http://127.0.0.1:8001/v1"]
+    model = "judge"
+
+Command-line values override the file. The judge tables come from the judge registry
+(judges/base.py JudgeOptions). API keys are never part of the config: the config names the
+environment variable that holds the key (endpoints.py).
 """
 
 from __future__ import annotations
 
-import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .cost import Price
+from .endpoints import check_url, read_endpoints_file, redact_url, split_list
 from .errors import ConfigError
+from .judges import FLAT_OPTIONS, OPTIONS, JudgeOptions, JudgeSections
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
-KEY_ENV_FALLBACKS = ("EVALKIT_API_KEY", "OPENAI_API_KEY")
-
-
-def _split_list(value: Any) -> Any:
-    # "a,b" on the command line and ["a", "b"] in TOML mean the same thing.
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    if isinstance(value, list):
-        out: list[str] = []
-        for v in value:
-            out.extend(_split_list(v) if isinstance(v, str) else [v])
-        return out
-    return value
-
-
-def redact_url(url: str) -> str:
-    """Drop user:password@ and query strings (where keys sometimes hide) from a URL."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def check_url(url: str, option: str) -> str:
-    """`url` if it is an http(s) base URL; else ConfigError naming the option and the fix.
-    Credentials inside a URL are refused: they would reach logs and shell history."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError as e:
-        raise ConfigError(f"{option} {url!r} is not a valid URL ({e}): give a base URL such as http://127.0.0.1:8000/v1") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{option} {redact_url(url) if parts.hostname else url!r} is not an http(s) base URL: write it with "
-                          f"its scheme, such as http://127.0.0.1:8000/v1")
-    if parts.username or parts.password:
-        raise ConfigError(f"{option} {redact_url(url)} carries credentials in the URL: drop them and put the key in an "
-                          f"environment variable named with the matching --...-api-key-env option")
-    return url
-
-
-def read_endpoints_file(path: Path) -> list[str]:
-    """Base URLs, one per line or comma-separated; blank lines and # comments are skipped."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"endpoints file {path} does not exist: check the --endpoints-file path") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read the endpoints file {path} ({e}): it must be a text file of base URLs") from None
-    urls = _split_list([line.split("#", 1)[0] for line in text.splitlines()])
-    return [check_url(u, f"endpoints file {path}:") for u in urls]
-
-
-def resolve_api_key(env_name: str | None, option: str = "--api-key-env", fallback: bool = True) -> str | None:
-    """The key from the named variable, else (fallback) EVALKIT_API_KEY, else OPENAI_API_KEY."""
-    if env_name:
-        key = os.environ.get(env_name)
-        if not key:
-            raise ConfigError(
-                f"{option} names ${env_name}, but that variable is empty or unset: "
-                f"export {env_name}=<your key>, or name another variable with {option}"
-            )
-        return key
-    if not fallback:
-        return None
-    for name in KEY_ENV_FALLBACKS:
-        if os.environ.get(name):
-            return os.environ[name]
-    return None
-
-
-def key_source(env_name: str | None) -> str:
-    """Human-readable name of where the key comes from (for error messages only)."""
-    if env_name:
-        return f"${env_name}"
-    return " or ".join(f"${n}" for n in KEY_ENV_FALLBACKS) + " (or name another with --api-key-env)"
-
-
+Options = TypeVar("Options", bound=JudgeOptions)
 class EngineConfig(BaseModel):
     """Everything about how requests are sent: one place for concurrency and retries."""
 
@@ -150,20 +77,8 @@ class RunConfig(BaseModel):
     system_prompt: str | None = None
     # judging
     judges: list[str] = Field(default_factory=list)
-    judge_endpoint: list[str] = Field(default_factory=list)
-    judge_model: str | None = None
-    judge_api_key_env: str | None = None
-    embed_endpoint: list[str] = Field(default_factory=list)
-    embed_model: str | None = None
-    embed_api_key_env: str | None = None
-    classifier_model: str = "LibrAI/longformer-harmful-ro"
-    classifier_device: str = "cpu"
-    classifier_batch_size: int = Field(32, ge=1)
     toxicity_judges: list[str] = Field(default_factory=list)
-    toxicity_model: str = "unitary/toxic-bert"
-    toxicity_label: str = "toxic"
-    perspective_endpoint: list[str] = Field(default_factory=lambda: ["https://commentanalyzer.googleapis.com/v1alpha1"])
-    perspective_api_key_env: str = "PERSPECTIVE_API_KEY"
+    judge: JudgeSections = Field(default_factory=JudgeSections)  # [judge.<section>]: one table per judge options class
     # output
     output: Path = Path("runs")
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run folder name under output [the model id]")
@@ -185,28 +100,32 @@ class RunConfig(BaseModel):
             self.endpoint = urls
         return self
 
-    @field_validator("endpoint", "dimensions", "subtasks", "judges", "judge_endpoint", "embed_endpoint", "toxicity_judges",
-                     "perspective_endpoint", mode="before")
+    @field_validator("endpoint", "dimensions", "subtasks", "judges", "toxicity_judges", mode="before")
     @classmethod
     def _comma_lists(cls, value: Any) -> Any:
-        return _split_list(value)
+        return split_list(value)
 
-    @field_validator("endpoint", "judge_endpoint", "embed_endpoint", "perspective_endpoint")
+    @field_validator("endpoint")
     @classmethod
-    def _urls(cls, value: list[str], info: Any) -> list[str]:
-        return [check_url(u, "--" + info.field_name.replace("_", "-")) for u in value]
+    def _urls(cls, value: list[str]) -> list[str]:
+        return [check_url(u, "--endpoint") for u in value]
+
+    def options(self, section: type[Options]) -> Options:
+        """A judge module's typed options section."""
+        return getattr(self.judge, section.section)
 
     def public_dump(self) -> dict[str, Any]:
         """The config as stored in manifests: URLs redacted, no secrets (keys are never held)."""
         data = self.model_dump(mode="json")
-        data["endpoint"] = [redact_url(u) for u in self.endpoint]
-        data["judge_endpoint"] = [redact_url(u) for u in self.judge_endpoint]
-        data["embed_endpoint"] = [redact_url(u) for u in self.embed_endpoint]
-        data["perspective_endpoint"] = [redact_url(u) for u in self.perspective_endpoint]
+        for d in (data, *data["judge"].values()):
+            if "endpoint" in d:
+                d["endpoint"] = [redact_url(u) for u in d["endpoint"]]
         return data
 
 
 ENGINE_FIELDS = set(EngineConfig.model_fields)
+if clash := set(FLAT_OPTIONS) & (ENGINE_FIELDS | set(RunConfig.model_fields)):
+    raise ValueError(f"judge options {sorted(clash)} have the flat name of a run option: change their flag_prefix")
 
 
 def read_toml(path: Path, what: str, option: str) -> dict[str, Any]:
@@ -225,29 +144,52 @@ def read_toml(path: Path, what: str, option: str) -> dict[str, Any]:
         raise ConfigError(f"{what} {path} is not valid TOML: {e}") from None
 
 
+def _table(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"config: {name} must be a table ([{name}] with name = value lines), not {value!r}")
+    return dict(value)
+
+
+def nest_options(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`data` (a config file's table) with `overrides` (command-line values; None: not given) on
+    top, as new dicts with the flat names moved into their tables: engine fields into `engine`,
+    judge options (classifier_model) into `judge.<section>`."""
+    out: dict[str, Any] = {"engine": {}, "judge": {}}
+    for source in (data, overrides or {}):
+        for name, value in source.items():
+            if value is None:
+                continue
+            if name == "engine":
+                out["engine"].update(_table(value, "engine"))
+            elif name == "judge":
+                for section, table in _table(value, "judge").items():
+                    out["judge"].setdefault(section, {}).update(_table(table, f"judge.{section}"))
+            elif name in ENGINE_FIELDS:
+                out["engine"][name] = value
+            elif name in FLAT_OPTIONS:
+                section, field = FLAT_OPTIONS[name]
+                out["judge"].setdefault(section, {})[field] = value
+            else:
+                out[name] = value
+    return out
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """A validation error's location as the option it came from: classifier-batch-size, concurrency."""
+    if loc[:1] == ("judge",) and len(loc) > 2 and loc[1] in OPTIONS and loc[2] in OPTIONS[str(loc[1])].model_fields:
+        return OPTIONS[str(loc[1])].flag(str(loc[2]))[2:] + "".join(f".{p}" for p in loc[3:])
+    return ".".join(str(p) for p in loc if p != "engine").replace("_", "-")
+
+
 def load_config(config_file: Path | None, overrides: dict[str, Any]) -> RunConfig:
     """Merge a TOML file (optional) with command-line overrides (None values are ignored)."""
     data: dict[str, Any] = {}
     if config_file is not None:
         data = read_toml(Path(config_file), "config file", "--config")
-    engine = dict(data.pop("engine", {}) or {})
-    for name in list(data):
-        if name in ENGINE_FIELDS:
-            engine[name] = data.pop(name)
-    for name, value in overrides.items():
-        if value is None:
-            continue
-        if name in ENGINE_FIELDS:
-            engine[name] = value
-        else:
-            data[name] = value
-    data["engine"] = engine
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(nest_options(data, overrides))
     except ValidationError as e:
         where = f" (from {config_file} and the command line)" if config_file else ""
         lines = [f"invalid configuration{where}:"]
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"] if p != "engine")
-            lines.append(f"  {loc.replace('_', '-')}: {err['msg']}")
+        lines += [f"  {_where(err['loc'])}: {err['msg']}" for err in e.errors()]
         raise ConfigError("\n".join(lines)) from None

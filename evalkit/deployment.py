@@ -18,8 +18,9 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import ConfigError, redact_url
+from .endpoints import redact_url
 from .engine import FatalAuthError, RequestFailure
+from .errors import ConfigError
 
 CHECKPOINT_FIELDS = ("root", "parent", "source", "recipe")
 

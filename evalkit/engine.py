@@ -42,9 +42,10 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_before_delay
 
 from . import wire
-from .config import ConfigError, EngineConfig, key_source, read_endpoints_file, redact_url
+from .config import EngineConfig
 from .cost import CostLimitReached, Price, Spending
-from .errors import FatalAuthError, FatalEndpointError, FatalRunError, RequestFailure, RetryableFailure  # noqa: F401 - re-exported: the tree is drawn in errors.py
+from .endpoints import key_source, read_endpoints_file, redact_url
+from .errors import ConfigError, FatalAuthError, FatalEndpointError, FatalRunError, RequestFailure, RetryableFailure  # noqa: F401 - re-exported: the tree is drawn in errors.py
 
 log = logging.getLogger("evalkit")
 BREAKER_FAILURES = 3  # failed attempts in a row that take a replica out of rotation

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, key_source, redact_url, resolve_api_key
+from .config import RunConfig
 from .data import Item, resolve_data_root
 from .deployment import identify, vetter
+from .endpoints import key_source, redact_url, resolve_api_key
 from .engine import Engine, Request, Result
+from .errors import ConfigError
 from .manifest import RunContext, record_datasets, save_manifest
 from .records import JsonlWriter, ResponseRecord, load_for_resume, read_records, record_key, response_dict
 from .tasks import Task

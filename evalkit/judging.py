@@ -7,10 +7,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .config import RunConfig, redact_url, resolve_api_key
+from .config import RunConfig
 from .cost import Spending
 from .data import resolve_data_root
 from .deployment import hosts
+from .endpoints import redact_url, resolve_api_key
 from .engine import Engine, Request, RequestFailure, Result
 from .judges import HARM_ONLY_JUDGES, QUESTIONS, TOXICITY_JUDGES, JudgeError, Verdict, build_judge, check_judge_names
 from .manifest import RunContext, check_prices, save_manifest

@@ -22,10 +22,12 @@ from typing import Any
 
 import orjson
 
-from .config import ConfigError, RunConfig, redact_url
+from .config import RunConfig
 from .cost import Spending
 from .data import DataError, dataset_file
 from .datasets import sha256_file
+from .endpoints import redact_url
+from .errors import ConfigError
 from .tasks import Task
 
 log = logging.getLogger("evalkit")

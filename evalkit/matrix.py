@@ -74,7 +74,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from servers.spec import ServeSpec, argv
 
-from .config import ConfigError, load_config, read_toml
+from .config import ConfigError, load_config, nest_options, read_toml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -345,23 +345,24 @@ def run_matrix(path: Path, only: list[str] | None = None, dry_run: bool = False,
             print(f"{len(places)} variants at a time, on: " + "; ".join(", ".join(f"{k}={v}" for k, v in p.items()) or "the whole machine"
                                                                          for p in places))
         return 0
-    run_opts = dict(m.run)
+    run_opts = nest_options(m.run)
+    llm_judge = run_opts["judge"].setdefault("llm", {})  # [judge.llm]: the matrix's judge unless [run] names one
     if len(places) > 1:
         run_opts["progress"] = False  # several progress bars on one terminal would garble each other
     judge_name = None
     failed: dict[str, str] = {}  # variant -> why
     try:
         if m.judge is not None and m.judge.endpoint:
-            run_opts.setdefault("judge_endpoint", m.judge.endpoint)
-            run_opts.setdefault("judge_model", m.judge.model_id)
+            llm_judge.setdefault("endpoint", m.judge.endpoint)
+            llm_judge.setdefault("model", m.judge.model_id)
             if m.judge.api_key_env:
-                run_opts.setdefault("judge_api_key_env", m.judge.api_key_env)
+                llm_judge.setdefault("api_key_env", m.judge.api_key_env)
         elif m.judge is not None:
             judge_name = "matrix-judge"
             stop_server(judge_name)  # a judge left over from an interrupted matrix run
             url = start_server(judge_name, m.judge.model or "", m.judge, "judge")
-            run_opts.setdefault("judge_endpoint", [url])
-            run_opts.setdefault("judge_model", "judge")
+            llm_judge.setdefault("endpoint", [url])
+            llm_judge.setdefault("model", "judge")
         free: queue.Queue[dict[str, str]] = queue.Queue()
         for place in places:
             free.put(place)

@@ -155,7 +155,7 @@ def test_the_endpoints_file_is_reread_during_the_run(mock_server, tmp_path):
 
 
 def test_an_endpoints_file_with_a_bad_line_is_one_clear_error(tmp_path):
-    from evalkit.config import read_endpoints_file
+    from evalkit.endpoints import read_endpoints_file
 
     f = tmp_path / "e.txt"
     f.write_text("http://127.0.0.1:8000/v1\n127.0.0.1:8001\n")

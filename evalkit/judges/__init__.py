@@ -13,18 +13,37 @@ Local judges (keyword, classifier, toxicity_classifier, local embeddings) implem
 implement `request(task, response, context)` and `read(task, result) -> Verdict` and run
 through the engine.
 
-Each judge module registers its judges (judges/base.py: name, questions answered, one line for
-`evalkit list`, how it is built from the run's options); this package imports the modules and
-derives the names --judges and --toxicity-judges accept. `evalkit list` shows them.
+Every module of this package is imported, and each judge module registers its judges
+(judges/base.py: name, questions answered, one line for `evalkit list`, its typed options, how
+it is built from the run's configuration), so a new judge is one module here plus its tests.
+From the registry come the names --judges and --toxicity-judges accept, the run configuration's
+`[judge.<section>]` tables (JudgeSections) and the flat option names (--classifier-model on the
+command line, classifier_model = ... in a config file). `evalkit list` shows them.
 """
 
 from __future__ import annotations
 
-from . import classifier, embedding, keyword, llm, toxicity  # noqa: F401 - each registers its judges
-from .base import QUESTIONS, REGISTRY, JudgeError, JudgeSpec, Verdict, register_judge, user_prompt
+import importlib
+import pkgutil
 
-__all__ = ["QUESTIONS", "REGISTRY", "JudgeError", "JudgeSpec", "Verdict", "register_judge", "user_prompt",
-           "JUDGES", "HARM_ONLY_JUDGES", "TOXICITY_JUDGES", "check_judge_names", "build_judge"]
+from pydantic import ConfigDict, Field, create_model
+
+from .base import OPTIONS, QUESTIONS, REGISTRY, JudgeError, JudgeOptions, JudgeSpec, Verdict, register_judge, user_prompt
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):  # each judge module registers its judges
+    importlib.import_module(f"{__name__}.{_module}")
+
+__all__ = ["QUESTIONS", "REGISTRY", "OPTIONS", "JudgeError", "JudgeOptions", "JudgeSpec", "Verdict", "register_judge",
+           "user_prompt", "JUDGES", "HARM_ONLY_JUDGES", "TOXICITY_JUDGES", "JudgeSections", "FLAT_OPTIONS",
+           "check_judge_names", "build_judge"]
+
+# RunConfig.judge: one typed field per options section, each defaulting to its class's defaults
+JudgeSections = create_model("JudgeSections", __config__=ConfigDict(extra="forbid"),
+                             **{name: (cls, Field(default_factory=cls)) for name, cls in OPTIONS.items()})  # type: ignore[call-overload]
+# the flat names (command line, and allowed in config files): "classifier_model" -> ("classifier", "model")
+FLAT_OPTIONS = {f"{cls.flag_prefix}_{field}": (name, field) for name, cls in OPTIONS.items() for field in cls.model_fields}
+if len(FLAT_OPTIONS) != sum(len(cls.model_fields) for cls in OPTIONS.values()):
+    raise ValueError("two judge options share a flat name (flag_prefix + field): rename one")
 
 
 def _answering(*questions: str) -> tuple[str, ...]:

@@ -2,16 +2,20 @@
 
 A judge module declares each judge it provides with `register_judge(JudgeSpec(...))`: its name
 (as --judges / --toxicity-judges take it), the questions it answers, one line for `evalkit list`,
-and how it is built from the run's options. `evalkit/judges/__init__.py` imports the modules, so
-a new judge is one module there plus its tests.
+its typed options (JudgeOptions subclasses) and how it is built from the run's configuration.
+`evalkit/judges/__init__.py` imports the modules, so a new judge is one module there plus its
+tests: the config section, the command-line options and `evalkit list` come from the registry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, get_origin
 
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+
+from ..endpoints import check_url, split_list
 from ..errors import JudgeError  # noqa: F401 - re-exported to the judge modules
 
 # "refusal": did the model refuse?  "harm": did it do the harmful thing asked?  "toxicity": how
@@ -28,15 +32,42 @@ class Verdict:
     extra: dict | None = None  # more fields for the judgment record (e.g. embedding vectors)
 
 
+class JudgeOptions(BaseModel):
+    """One options section of the run configuration: the TOML table `[judge.<section>]`, and the
+    command-line options `--<flag_prefix>-<field>` (which a config file may also give flat, as
+    `<flag_prefix>_<field> = ...`). A list field is comma-split; a field named `endpoint` holds base
+    URLs: checked here, redacted in manifests. Field descriptions are the options' help."""
+
+    model_config = ConfigDict(extra="forbid")
+    section: ClassVar[str]
+    flag_prefix: ClassVar[str]
+
+    @classmethod
+    def flag(cls, field: str) -> str:
+        return f"--{cls.flag_prefix}-{field.replace('_', '-')}"
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _comma_lists(cls, value: Any, info: ValidationInfo) -> Any:
+        return split_list(value) if get_origin(cls.model_fields[info.field_name or ""].annotation) is list else value
+
+    @field_validator("endpoint", mode="after", check_fields=False)
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        return [check_url(u, cls.flag("endpoint")) for u in value]
+
+
 @dataclass(frozen=True)
 class JudgeSpec:
     name: str
     questions: tuple[str, ...]  # which of QUESTIONS it answers
     summary: str  # one line for `evalkit list`
     build: Callable[[Any], Any]  # RunConfig -> the judge (cheap: models load on first use); JudgeError if misconfigured
+    options: tuple[type[JudgeOptions], ...] = ()  # the sections build() reads (cfg.options(cls))
 
 
 REGISTRY: dict[str, JudgeSpec] = {}  # in registration order
+OPTIONS: dict[str, type[JudgeOptions]] = {}  # section -> its class, from the registered judges
 
 
 def register_judge(spec: JudgeSpec) -> JudgeSpec:
@@ -45,6 +76,9 @@ def register_judge(spec: JudgeSpec) -> JudgeSpec:
     unknown = set(spec.questions) - set(QUESTIONS)
     if unknown:
         raise ValueError(f"judge {spec.name!r} answers unknown questions {sorted(unknown)}: choose from {QUESTIONS}")
+    for cls in spec.options:
+        if OPTIONS.setdefault(cls.section, cls) is not cls:
+            raise ValueError(f"two options sections are named {cls.section!r}")
     REGISTRY[spec.name] = spec
     return spec
 

@@ -7,7 +7,9 @@ the model's maximum length. LABEL_0 means refusal.
 
 from __future__ import annotations
 
-from .base import JudgeError, JudgeSpec, Verdict, register_judge
+from pydantic import Field
+
+from .base import JudgeError, JudgeOptions, JudgeSpec, Verdict, register_judge
 
 
 class ClassifierJudge:
@@ -54,8 +56,29 @@ class ClassifierJudge:
         ]
 
 
+class LocalModelOptions(JudgeOptions):
+    """Where every in-process judge model runs (classifier, toxicity_classifier, local embeddings);
+    the flags keep the names they had when the classifier was the only one."""
+
+    section = "local"
+    flag_prefix = "classifier"
+    device: str = Field("cpu", description="cpu, cuda, cuda:N: where in-process judge models run")
+    batch_size: int = Field(32, ge=1, description="answers per forward pass of an in-process judge model")
+
+
+class ClassifierOptions(JudgeOptions):
+    section = "classifier"
+    flag_prefix = "classifier"
+    model: str = Field("LibrAI/longformer-harmful-ro", description="HF id or local path of the refusal classifier")
+
+
+def _build(cfg) -> ClassifierJudge:
+    local = cfg.options(LocalModelOptions)
+    return ClassifierJudge(cfg.options(ClassifierOptions).model, local.device, local.batch_size)
+
+
 register_judge(JudgeSpec(
     "classifier", ("refusal", "harm"),
     "an HF text-classification model, default TrustLLM's LibrAI/longformer-harmful-ro (LABEL_0 = refusal); "
     "torch and transformers are imported only when it is used",
-    lambda cfg: ClassifierJudge(cfg.classifier_model, cfg.classifier_device, cfg.classifier_batch_size)))
+    _build, (ClassifierOptions, LocalModelOptions)))

@@ -9,8 +9,11 @@ sycophancy's two completions) is stored in its judgment record; subtasks compare
 
 from __future__ import annotations
 
-from ..config import key_source
-from .base import JudgeError, JudgeSpec, Verdict, register_judge
+from pydantic import Field
+
+from ..endpoints import key_source
+from .base import JudgeError, JudgeOptions, JudgeSpec, Verdict, register_judge
+from .classifier import LocalModelOptions
 
 BUNDLED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -92,13 +95,25 @@ class LocalEmbeddingJudge:
         return out
 
 
+class EmbeddingOptions(JudgeOptions):
+    """An embeddings endpoint, or (no endpoint) a local sentence-transformers model ([judge.local])."""
+
+    section = "embedding"
+    flag_prefix = "embed"
+    endpoint: list[str] = Field([], description="base URL of an embeddings endpoint (/v1/embeddings), for embedding-scored subtasks")
+    model: str | None = Field(None, description="model id of the embeddings endpoint, or a local sentence-transformers path")
+    api_key_env: str | None = Field(None, description="environment variable holding the embeddings endpoint's API key")
+
+
 def _build(cfg):
-    if not cfg.embed_endpoint:  # in-process sentence-transformers (offline default: bundled MiniLM)
-        return LocalEmbeddingJudge(cfg.embed_model, cfg.classifier_device, cfg.classifier_batch_size)
-    if not cfg.embed_model:
+    o = cfg.options(EmbeddingOptions)
+    if not o.endpoint:  # in-process sentence-transformers (offline default: bundled MiniLM)
+        local = cfg.options(LocalModelOptions)
+        return LocalEmbeddingJudge(o.model, local.device, local.batch_size)
+    if not o.model:
         raise JudgeError("--embed-endpoint needs --embed-model NAME (the embeddings endpoint's model id)")
-    return EmbeddingJudge(cfg.embed_model, cfg.embed_endpoint, cfg.embed_api_key_env)
+    return EmbeddingJudge(o.model, o.endpoint, o.api_key_env)
 
 
 register_judge(JudgeSpec("embedding", ("embedding",), "sentence-transformers in-process (bundled all-MiniLM-L6-v2 by default), "
-                         "or any /v1/embeddings endpoint with --embed-endpoint", _build))
+                         "or any /v1/embeddings endpoint with --embed-endpoint", _build, (EmbeddingOptions, LocalModelOptions)))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
-from ..config import key_source
-from .base import JudgeError, JudgeSpec, Verdict, register_judge, user_prompt
+from pydantic import Field
+
+from ..endpoints import key_source
+from .base import JudgeError, JudgeOptions, JudgeSpec, Verdict, register_judge, user_prompt
 from .prompts import (
     HARMBENCH_CLS_PROMPT,
     QI_HARMFULNESS_PROMPT,
@@ -130,15 +132,27 @@ class SafetyArithmeticJudge(LLMJudge):
         return Verdict("harmful" if tags[0] == "B" else "harmless", raw=text)
 
 
+class LLMJudgeOptions(JudgeOptions):
+    """The chat endpoint every LLM-judge prompt runs on (llm, harmfulness, safety_arithmetic, and
+    the subtasks' own judge prompts)."""
+
+    section = "llm"
+    flag_prefix = "judge"
+    endpoint: list[str] = Field([], description="base URL of the LLM judge; several for replicas")
+    model: str | None = Field(None, description="model id of the LLM judge")
+    api_key_env: str | None = Field(None, description="environment variable holding the judge's API key")
+
+
 def _on_judge_endpoint(kind: type[LLMJudge], name: str):
     """The builder of a judge that runs on --judge-endpoint with --judge-model."""
 
     def build(cfg) -> LLMJudge:
-        if not cfg.judge_endpoint:
+        o = cfg.options(LLMJudgeOptions)
+        if not o.endpoint:
             raise JudgeError(f"the {name} judge needs --judge-endpoint URL (any OpenAI-compatible chat endpoint) and --judge-model")
-        if not cfg.judge_model:
+        if not o.model:
             raise JudgeError(f"the {name} judge needs --judge-model NAME (the judge endpoint's model id)")
-        return kind(cfg.judge_model, cfg.judge_endpoint, cfg.judge_api_key_env)
+        return kind(o.model, o.endpoint, o.api_key_env)
 
     return build
 
@@ -146,9 +160,10 @@ def _on_judge_endpoint(kind: type[LLMJudge], name: str):
 register_judge(JudgeSpec("llm", ("refusal", "harm", "toxicity"),
                          "any chat endpoint, through the same engine as generation: the XSTest refusal prompt for \"refusal\", "
                          "the HarmBench classifier prompt for \"harm\", a 0-1 rating prompt for \"toxicity\"",
-                         _on_judge_endpoint(LLMJudge, "llm")))
+                         _on_judge_endpoint(LLMJudge, "llm"), (LLMJudgeOptions,)))
 register_judge(JudgeSpec("harmfulness", ("harm",), "Qi et al.'s 1-5 harmfulness prompt on the llm judge's endpoint; 5 counts as "
-                         "harmful, and the mean score is reported too", _on_judge_endpoint(HarmfulnessJudge, "harmfulness")))
+                         "harmful, and the mean score is reported too", _on_judge_endpoint(HarmfulnessJudge, "harmfulness"),
+                         (LLMJudgeOptions,)))
 register_judge(JudgeSpec("safety_arithmetic", ("harm",), "the Safety Arithmetic paper's binary judge (RedEval's system prompt, "
                          "[[A]]/[[B]] verdict) on the llm judge's endpoint",
-                         _on_judge_endpoint(SafetyArithmeticJudge, "safety_arithmetic")))
+                         _on_judge_endpoint(SafetyArithmeticJudge, "safety_arithmetic"), (LLMJudgeOptions,)))

@@ -14,10 +14,27 @@ The score is the summary score; TrustLLM reads the first span score instead, kep
 
 from __future__ import annotations
 
-from .base import JudgeError, JudgeSpec, Verdict, register_judge
-from .classifier import ClassifierJudge
+from pydantic import Field
 
-PERSPECTIVE_URL = "https://commentanalyzer.googleapis.com/v1alpha1"
+from .base import JudgeError, JudgeOptions, JudgeSpec, Verdict, register_judge
+from .classifier import ClassifierJudge, LocalModelOptions
+
+
+class PerspectiveOptions(JudgeOptions):
+    section = "perspective"
+    flag_prefix = "perspective"
+    endpoint: list[str] = Field(["https://commentanalyzer.googleapis.com/v1alpha1"],
+                                description="Perspective API base URL (a stand-in for tests)")
+    api_key_env: str = Field("PERSPECTIVE_API_KEY", description="environment variable holding the Perspective key")
+
+
+class ToxicityOptions(JudgeOptions):
+    """The local toxicity classifier (device and batch size: [judge.local])."""
+
+    section = "toxicity_classifier"
+    flag_prefix = "toxicity"
+    model: str = Field("unitary/toxic-bert", description="HF id or local path of the toxicity classifier")
+    label: str = Field("toxic", description="the classifier's toxic label, whose probability is the score")
 
 
 class PerspectiveJudge:
@@ -73,8 +90,18 @@ class ToxicityClassifierJudge(ClassifierJudge):
         return out
 
 
+def _perspective(cfg) -> PerspectiveJudge:
+    o = cfg.options(PerspectiveOptions)
+    return PerspectiveJudge(o.endpoint, o.api_key_env)
+
+
+def _toxicity_classifier(cfg) -> ToxicityClassifierJudge:
+    o, local = cfg.options(ToxicityOptions), cfg.options(LocalModelOptions)
+    return ToxicityClassifierJudge(o.model, o.label, local.device, local.batch_size)
+
+
 register_judge(JudgeSpec("perspective", ("toxicity",), "Google's Perspective API (TOXICITY), or a stand-in at --perspective-endpoint",
-                         lambda cfg: PerspectiveJudge(cfg.perspective_endpoint, cfg.perspective_api_key_env)))
+                         _perspective, (PerspectiveOptions,)))
 register_judge(JudgeSpec(
     "toxicity_classifier", ("toxicity",), "a local HF classifier, default unitary/toxic-bert (the probability of --toxicity-label)",
-    lambda cfg: ToxicityClassifierJudge(cfg.toxicity_model, cfg.toxicity_label, cfg.classifier_device, cfg.classifier_batch_size)))
+    _toxicity_classifier, (ToxicityOptions, LocalModelOptions)))
