@@ -13,10 +13,11 @@ from .data import resolve_data_root
 from .deployment import hosts
 from .endpoints import redact_url, resolve_api_key
 from .engine import Engine, Request, RequestFailure, Result
-from .judges import HARM_ONLY_JUDGES, QUESTIONS, TOXICITY_JUDGES, JudgeError, Verdict, build_judge, check_judge_names
+from .judges import HARM_ONLY_JUDGES, QUESTIONS, TOXICITY_JUDGES, Judge, JudgeError, RemoteJudge, Verdict, build_judge, check_judge_names
 from .manifest import RunContext, check_prices, save_manifest
 from .records import JsonlWriter, JudgmentRecord, ResponseRecord, judgment_dict, load_for_resume, read_records, record_key
 from .tasks import Task
+from .wire import KINDS
 
 LOCAL_JUDGE_CHUNK = 256
 
@@ -47,16 +48,16 @@ async def check_judges(cfg: RunConfig, tasks: list[Task]) -> None:
     """Before the first answer is asked for: every judge the run will use can be built (names,
     options), and each judge endpoint answers and serves the judge model (when it lists its
     models; one that does not is left to the requests)."""
-    judges: dict[str, Any] = {}
+    judges: dict[str, Judge] = {}
     for task in tasks:
         for name in judges_for(cfg, task):
-            judges.setdefault(name, make_judge(cfg, name))
+            judges.setdefault(name, build_judge(cfg, name))
     for name, j in judges.items():
-        if not _is_remote(j):
+        if not isinstance(j, RemoteJudge):
             continue
-        check_prices(cfg, [getattr(j, "model", None)])
-        key = resolve_api_key(j.key_env, j.key_option, fallback=j.api != "perspective")  # a named key that is unset stops here
-        if j.api not in ("chat", "completions", "embeddings"):
+        check_prices(cfg, [j.model])
+        key = _key(j)  # a named key that is unset stops here
+        if not KINDS[j.api].openai:  # no /models to ask
             continue
         async with Engine(cfg.engine, j.endpoint, key, j.api, j.key_hint) as eng:
             try:
@@ -73,15 +74,21 @@ async def check_judges(cfg: RunConfig, tasks: list[Task]) -> None:
                              f"{', '.join(map(repr, ids))}: fix the judge's model option")
 
 
-def _is_remote(judge: Any) -> bool:
-    """Remote judges (LLM, Perspective, embeddings endpoint) run through the engine."""
-    return hasattr(judge, "request")
+def identity(j: Judge, task: Task) -> str:
+    """What the judgment records of `task` by `j` are named by."""
+    assert task.question is not None, "a rule-scored subtask has no judges (judges_for gives none)"
+    return j.identity(task.question)
+
+
+def _key(j: RemoteJudge) -> str | None:
+    """The judge's API key; the OpenAI-key fallbacks apply to OpenAI-compatible endpoints only."""
+    return resolve_api_key(j.key_env, j.key_option, fallback=KINDS[j.api].openai)
 
 
 async def judge(ctx: RunContext) -> dict[str, Any]:
     cfg = ctx.cfg
     started = time.time()
-    judges: dict[str, Any] = {}
+    judges: dict[str, Judge] = {}
     # judge name -> task, identity, response, context (another answer the judge compares with), key
     remote_work: dict[str, list[tuple[Task, str, ResponseRecord, ResponseRecord | None, str]]] = {}
     writers: dict[str, JsonlWriter] = {}
@@ -94,9 +101,9 @@ async def judge(ctx: RunContext) -> dict[str, Any]:
             done, _ = load_for_resume(ctx.judgments_path(task), JudgmentRecord, cfg.restart)
             writer = writers[task.name] = JsonlWriter(ctx.judgments_path(task), cfg.engine.flush_every, cfg.engine.flush_interval)
             for name in judges_for(cfg, task):
-                j = judges.get(name) or judges.setdefault(name, make_judge(cfg, name))
-                ident = j.identity(task.question)
-                if _is_remote(j):
+                j = judges.get(name) or judges.setdefault(name, build_judge(cfg, name))
+                ident = identity(j, task)
+                if isinstance(j, RemoteJudge):
                     jid = [ident, hosts(j.endpoint)]
                     work = remote_work.setdefault(name, [])
                     for r, c in inputs:
@@ -148,11 +155,6 @@ def _judgment(key: str, r: ResponseRecord, ident: str, v: Verdict, attempts: int
     return judgment_dict(key, r, ident, v.label, v.raw, v.score, v.extra, attempts, error)
 
 
-def make_judge(cfg: RunConfig, name: str):
-    """A judge object by name (the registry in evalkit/judges); construction is cheap (models load on first use)."""
-    return build_judge(cfg, name)
-
-
 async def _run_remote_judge(cfg: RunConfig, j: Any, work: list, writers: dict[str, JsonlWriter],
                             spending: Spending | None) -> dict[str, Any]:
     """One engine run for every request of one remote judge (LLM or embeddings), all subtasks together."""
@@ -170,7 +172,7 @@ async def _run_remote_judge(cfg: RunConfig, j: Any, work: list, writers: dict[st
             rec = _judgment(req.key, r, ident, Verdict(None), res.attempts, err)
         writers[task.name].write(rec)
 
-    key = resolve_api_key(j.key_env, j.key_option, fallback=j.api != "perspective")
+    key = _key(j)
     async with Engine(cfg.engine, j.endpoint, key, j.api, j.key_hint) as eng:
         eng.model = j.model
         eng.price, eng.spending = cfg.prices.get(j.model), spending

@@ -10,7 +10,8 @@ import orjson
 
 from .config import ConfigError
 from .data import resolve_data_root
-from .judging import judges_for, make_judge
+from .judges import build_judge
+from .judging import identity, judges_for
 from .manifest import RunContext, save_manifest
 from .metrics import Metric, degenerate, rate
 from .records import JudgmentRecord, ResponseRecord, read_records
@@ -21,7 +22,7 @@ def _refusals_of(ctx: RunContext, source_name: str) -> dict[str, bool]:
     """response key -> refused?, by the first refusal judge of the subtask that generated the
     answers (toxicity averages only the answers jailbreak's judge did not call refusals)."""
     source = next(t for t in ctx.tasks if t.name == source_name)
-    ident = make_judge(ctx.cfg, judges_for(ctx.cfg, source)[0]).identity(source.question)
+    ident = identity(build_judge(ctx.cfg, judges_for(ctx.cfg, source)[0]), source)
     return {j.response_key: j.label == "refusal" for j in read_records(ctx.judgments_path(source), JudgmentRecord)
             if j.judge == ident and j.error is None}
 
@@ -47,7 +48,7 @@ def score(ctx: RunContext) -> dict[str, Any]:
         refused = _refusals_of(ctx, task.responses_of) if task.responses_of else {}
         expected = {r.key for r, _ in task.judge_inputs([r for r in responses if r.error is None], root)}
         for name in judges_for(cfg, task):
-            ident = make_judge(cfg, name).identity(task.question)
+            ident = identity(build_judge(cfg, name), task)
             by_response = {j.response_key: j for j in judgments if j.judge == ident}
             rows = [Scored(r, by_response.get(r.key), refused.get(r.key)) for r in responses]
             missing = sum(1 for s in rows if s.answered and s.judgment is None and s.response.key in expected)

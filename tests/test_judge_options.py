@@ -163,3 +163,12 @@ def test_a_new_judge_is_one_file(tmp_path):
               "check_judge_names(cfg.judges)\n"
               "print(build_judge(cfg, 'echo').identity('refusal'), 'echo' in JUDGES)")
     assert out.split() == ["echo:4", "True"]
+
+
+def test_every_registered_judge_is_local_or_remote():
+    from evalkit.judges import REGISTRY, RemoteJudge
+
+    cfg = load_config(None, {"judge_endpoint": ["http://127.0.0.1:8001/v1"], "judge_model": "judge"})
+    remote = {name for name in REGISTRY if isinstance(build_judge(cfg, name), RemoteJudge)}
+    assert remote == {"llm", "harmfulness", "safety_arithmetic", "perspective"}
+    assert all(callable(getattr(build_judge(cfg, name), "judge", None)) for name in set(REGISTRY) - remote)

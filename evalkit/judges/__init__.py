@@ -28,12 +28,26 @@ import pkgutil
 
 from pydantic import ConfigDict, Field, create_model
 
-from .base import OPTIONS, QUESTIONS, REGISTRY, JudgeError, JudgeOptions, JudgeSpec, Verdict, register_judge, user_prompt
+from .base import (
+    OPTIONS,
+    QUESTIONS,
+    REGISTRY,
+    Judge,
+    JudgeError,
+    JudgeOptions,
+    JudgeSpec,
+    LocalJudge,
+    RemoteJudge,
+    Verdict,
+    register_judge,
+    user_prompt,
+)
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):  # each judge module registers its judges
     importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = ["QUESTIONS", "REGISTRY", "OPTIONS", "JudgeError", "JudgeOptions", "JudgeSpec", "Verdict", "register_judge",
+__all__ = ["QUESTIONS", "REGISTRY", "OPTIONS", "Judge", "LocalJudge", "RemoteJudge", "JudgeError", "JudgeOptions", "JudgeSpec",
+           "Verdict", "register_judge",
            "user_prompt", "JUDGES", "HARM_ONLY_JUDGES", "TOXICITY_JUDGES", "JudgeSections", "FLAT_OPTIONS",
            "check_judge_names", "build_judge"]
 
@@ -61,7 +75,7 @@ def check_judge_names(names: list[str], allowed: tuple[str, ...] = JUDGES, optio
             raise JudgeError(f"unknown judge {n!r} in {option}: choose from {', '.join(allowed)} (see `evalkit list`)")
 
 
-def build_judge(cfg, name: str):
+def build_judge(cfg, name: str) -> Judge:
     """A judge object by name from the run's options; construction is cheap (models load on first use)."""
     spec = REGISTRY.get(name)
     if spec is None:

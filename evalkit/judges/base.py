@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, get_origin
+from typing import Any, ClassVar, Protocol, get_origin, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
@@ -57,12 +57,46 @@ class JudgeOptions(BaseModel):
         return [check_url(u, cls.flag("endpoint")) for u in value]
 
 
+class LocalJudge(Protocol):
+    """Judges in this process (keyword lists, HF classifiers, sentence-transformers), in chunks."""
+
+    def identity(self, question: str) -> str: ...  # what judgment records and results name the judge by
+    def judge(self, task: Any, responses: list[Any]) -> list[Verdict]: ...
+
+
+@runtime_checkable
+class RemoteJudge(Protocol):
+    """Judges behind an endpoint (LLM, embeddings, Perspective): the engine sends `request()`'s body
+    to the `api` kind (wire.KINDS) at `endpoint` and hands the reply to `read()`."""
+
+    # read-only (plain attributes satisfy them): the kind, where it is, which model, which key
+    @property
+    def api(self) -> str: ...
+    @property
+    def endpoint(self) -> list[str]: ...
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def key_env(self) -> str | None: ...
+    @property
+    def key_option(self) -> str: ...  # the option naming key_env, for error messages
+    @property
+    def key_hint(self) -> str: ...  # where the key comes from, for error messages
+
+    def identity(self, question: str) -> str: ...
+    def request(self, task: Any, response: Any, context: Any = None) -> dict[str, Any]: ...
+    def read(self, task: Any, result: Any, response: Any = None, context: Any = None) -> Verdict: ...
+
+
+Judge = LocalJudge | RemoteJudge
+
+
 @dataclass(frozen=True)
 class JudgeSpec:
     name: str
     questions: tuple[str, ...]  # which of QUESTIONS it answers
     summary: str  # one line for `evalkit list`
-    build: Callable[[Any], Any]  # RunConfig -> the judge (cheap: models load on first use); JudgeError if misconfigured
+    build: Callable[[Any], Judge]  # RunConfig -> the judge (cheap: models load on first use); JudgeError if misconfigured
     options: tuple[type[JudgeOptions], ...] = ()  # the sections build() reads (cfg.options(cls))
 
 
