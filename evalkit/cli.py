@@ -189,7 +189,7 @@ def _datasets(args: argparse.Namespace) -> int:
         for line in asyncio.run(datasets.fetch(args.names, args.dest, args.mirror, args.force)):
             print(line)
         return 0
-    from .data import resolve_data_root
+    from .datasets import resolve_data_root
 
     root = resolve_data_root(args.data_path) if (args.data_path or _env_data()) else datasets.cache_dir()
     print(f"datasets under {root}:")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
-from .data import Item, resolve_data_root
+from .datasets import Item, resolve_data_root
 from .deployment import identify, vetter
 from .endpoints import key_source, redact_url, resolve_api_key
 from .engine import Engine, Request, Result

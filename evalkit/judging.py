@@ -9,7 +9,7 @@ from typing import Any
 
 from .config import RunConfig
 from .cost import Spending
-from .data import resolve_data_root
+from .datasets import resolve_data_root
 from .deployment import hosts
 from .endpoints import redact_url, resolve_api_key
 from .engine import Engine, Request, RequestFailure, Result

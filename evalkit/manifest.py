@@ -24,10 +24,9 @@ import orjson
 
 from .config import RunConfig
 from .cost import Spending
-from .data import DataError, dataset_file
-from .datasets import sha256_file
+from .datasets import dataset_file, expected_sha256, sha256_file
 from .endpoints import redact_url
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .tasks import Task
 
 log = logging.getLogger("evalkit")
@@ -129,8 +128,6 @@ def check_prices(cfg: RunConfig, models: list[str | None]) -> None:
 
 
 def record_datasets(ctx: RunContext, root: Path) -> None:
-    from .datasets import expected_sha256
-
     entries = ctx.manifest.setdefault("datasets", {})
     for t in ctx.tasks:
         for rel in t.data_files():

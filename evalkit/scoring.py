@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from .config import ConfigError
-from .data import resolve_data_root
+from .datasets import resolve_data_root
 from .judges import build_judge
 from .judging import identity, judges_for
 from .manifest import RunContext, save_manifest

@@ -84,7 +84,8 @@ def test_harmful_question_sets_load(data_root):
 
 
 def test_bad_question_file_is_named(tmp_path):
-    from evalkit.data import DataError, load_question_file
+    from evalkit.datasets import load_question_file
+    from evalkit.errors import DataError
 
     p = tmp_path / "q.json"
     p.write_text('{"cat": {"sub": "not a list"}}')

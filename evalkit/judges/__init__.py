@@ -11,7 +11,7 @@ judge applies, and the subtask builds the request and reads the answer.
 Local judges (keyword, classifier, toxicity_classifier, local embeddings) implement
 `judge(task, responses) -> list[Verdict]`; remote ones (llm, perspective, embeddings endpoint)
 implement `request(task, response, context)` and `read(task, result) -> Verdict` and run
-through the engine.
+through the engine (the protocols LocalJudge and RemoteJudge in base.py).
 
 Every module of this package is imported, and each judge module registers its judges
 (judges/base.py: name, questions answered, one line for `evalkit list`, its typed options, how

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..data import DataError
-from ..errors import TaskSelectionError
+from ..errors import DataError, TaskSelectionError
 from .base import DIMENSIONS, RULE_JUDGE, TASKS, RefusalTask, Scored, Task, judge_body, register
 
 # Importing a module registers its subtasks; this order is the order `--dimensions` runs them in

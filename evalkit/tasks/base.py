@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..data import Item, check_json_records, dataset_file, load_csv, load_json_list
+from ..datasets import Item, check_json_records, dataset_file, load_csv, load_json_list
 from ..metrics import Metric, grouped_rates, rate, trustllm_rta
 from ..records import JudgmentRecord, ResponseRecord
 

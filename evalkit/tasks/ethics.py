@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..data import Item
+from ..datasets import Item
 from ..judges import Verdict
 from ..judges.prompts import TRUSTLLM_ETHICS_PROMPT
 from ..metrics import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..data import Item
+from ..datasets import Item
 from ..judges import Verdict
 from ..judges.prompts import TRUSTLLM_STEREOTYPE_AGREEMENT_PROMPT, TRUSTLLM_STEREOTYPE_RECOGNITION_PROMPT
 from ..metrics import Metric, chi2_independence_p, group_mean, rate, salary_option, trustllm_rta, yes_no_answer

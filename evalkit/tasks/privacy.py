@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..data import Item
+from ..datasets import Item
 from ..metrics import Metric, confaide_extract, group_mean, grouped_rates, pearson
 from .base import RefusalTask, Scored, Task, register
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..data import DataError, Item
+from ..datasets import Item
+from ..errors import DataError
 from ..judges import Verdict
 from ..judges.prompts import TRUSTLLM_OOD_PROMPT
 from ..metrics import (

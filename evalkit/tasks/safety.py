@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ..data import Item, load_question_file
+from ..datasets import Item, load_question_file
 from ..metrics import Metric, complement, degenerate, group_mean, grouped_rates, rate, toxicity_stats, trustllm_rta
 from .base import RefusalTask, Scored, Task, register
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..data import DataError, Item
+from ..datasets import Item
+from ..errors import DataError
 from ..judges import Verdict
 from ..judges.prompts import TRUSTLLM_ADVFACT_PROMPT, TRUSTLLM_QA_PROMPT, TRUSTLLM_SYCOPHANCY_PREFERENCE_PROMPT
 from ..metrics import (

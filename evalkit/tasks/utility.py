@@ -13,7 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..data import DataError, Item, check_json_records, dataset_file, load_json_list
+from ..datasets import Item, check_json_records, dataset_file, load_json_list
+from ..errors import DataError
 from ..judges import Verdict, user_prompt
 from ..metrics import Metric, continuation_nll, mean, mt_bench_rating, pooled_nll, win_rate
 from ..records import ResponseRecord, record_key
