@@ -15,7 +15,7 @@ from .endpoints import redact_url, resolve_api_key
 from .engine import Engine, Request, RequestFailure, Result
 from .judges import HARM_ONLY_JUDGES, QUESTIONS, TOXICITY_JUDGES, Judge, JudgeError, RemoteJudge, Verdict, build_judge, check_judge_names
 from .manifest import RunContext, check_prices, save_manifest
-from .records import JsonlWriter, JudgmentRecord, ResponseRecord, judgment_dict, load_for_resume, read_records, record_key
+from .records import JsonlWriter, JudgmentRecord, ResponseRecord, judgment_dict, load_for_resume, record_key
 from .tasks import Task
 from .wire import KINDS
 
@@ -97,7 +97,7 @@ async def judge(ctx: RunContext) -> dict[str, Any]:
     root = resolve_data_root(cfg.data_path)
     try:
         for task in ctx.tasks:
-            inputs = task.judge_inputs([r for r in read_records(ctx.responses_path(task), ResponseRecord) if r.error is None], root)
+            inputs = task.judge_inputs([r for r in ctx.responses(task) if r.error is None], root)
             done, _ = load_for_resume(ctx.judgments_path(task), JudgmentRecord, cfg.restart)
             writer = writers[task.name] = JsonlWriter(ctx.judgments_path(task), cfg.engine.flush_every, cfg.engine.flush_interval)
             for name in judges_for(cfg, task):

@@ -27,6 +27,7 @@ from .cost import Spending
 from .datasets import dataset_file, expected_sha256, sha256_file
 from .endpoints import redact_url
 from .errors import ConfigError, DataError
+from .records import JudgmentRecord, R, ResponseRecord, read_records
 from .tasks import Task
 
 log = logging.getLogger("evalkit")
@@ -44,6 +45,7 @@ class RunContext:
     run_dir: Path
     manifest: dict[str, Any] = field(default_factory=dict)
     spending: Spending | None = None  # this invocation's, across stages (--max-cost)
+    _read: dict[Path, tuple[tuple[int, int], list[Any]]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.spending is None:
@@ -54,6 +56,24 @@ class RunContext:
 
     def judgments_path(self, task: Task) -> Path:
         return self.run_dir / "judgments" / f"{task.name}.jsonl"
+
+    def responses(self, task: Task) -> list[ResponseRecord]:
+        return self._records(self.responses_path(task), ResponseRecord)
+
+    def judgments(self, task: Task) -> list[JudgmentRecord]:
+        return self._records(self.judgments_path(task), JudgmentRecord)
+
+    def _records(self, path: Path, schema: type[R]) -> list[R]:
+        """A record file's records, read once while it is unchanged: the judge and score stages (and
+        a subtask judging another's answers) share the read, which is most of their time on a large run."""
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return []
+        stamp = (st.st_mtime_ns, st.st_size)
+        if (hit := self._read.get(path)) is None or hit[0] != stamp:
+            hit = self._read[path] = (stamp, read_records(path, schema))
+        return hit[1]
 
 
 # -- manifest --------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from .judges import build_judge
 from .judging import identity, judges_for
 from .manifest import RunContext, save_manifest
 from .metrics import Metric, degenerate, rate
-from .records import JudgmentRecord, ResponseRecord, read_records
 from .tasks import RULE_JUDGE, Scored
 
 
@@ -23,7 +22,7 @@ def _refusals_of(ctx: RunContext, source_name: str) -> dict[str, bool]:
     answers (toxicity averages only the answers jailbreak's judge did not call refusals)."""
     source = next(t for t in ctx.tasks if t.name == source_name)
     ident = identity(build_judge(ctx.cfg, judges_for(ctx.cfg, source)[0]), source)
-    return {j.response_key: j.label == "refusal" for j in read_records(ctx.judgments_path(source), JudgmentRecord)
+    return {j.response_key: j.label == "refusal" for j in ctx.judgments(source)
             if j.judge == ident and j.error is None}
 
 
@@ -38,10 +37,10 @@ def score(ctx: RunContext) -> dict[str, Any]:
     }
     outcomes: dict[str, dict[str, int]] = {}  # "subtask|metric|judge" -> item id -> 0/1, for paired comparisons
     for task in ctx.tasks:
-        responses = read_records(ctx.responses_path(task), ResponseRecord)
+        responses = ctx.responses(task)
         if not responses:
             raise ConfigError(f"no responses for {task.name} in {ctx.responses_path(task)}: run `evalkit generate` first")
-        judgments = read_records(ctx.judgments_path(task), JudgmentRecord)
+        judgments = ctx.judgments(task)
         metrics: list[Metric] = []
         if task.question is None:
             metrics.extend(task.score([Scored(r, None) for r in responses], RULE_JUDGE))

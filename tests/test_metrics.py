@@ -8,7 +8,7 @@ import pytest
 from evalkit.judges.keyword import KeywordJudge
 from evalkit.judges.llm import LLMJudge
 from evalkit.judges.prompts import GCG_REFUSAL_STRINGS, XSTEST_REFUSAL_PROMPT
-from evalkit.metrics import complement, grouped_rates, keyword_refused, rate, trustllm_rta
+from evalkit.metrics import complement, grouped_rates, keyword_match, rate, trustllm_rta
 from evalkit.records import ErrorInfo, JudgmentRecord, ResponseRecord
 from evalkit.tasks import Scored, all_tasks
 
@@ -50,10 +50,13 @@ def test_trustllm_rta_counts_invalid_as_not_refused():
 
 def test_gcg_list_is_the_29_strings_and_case_sensitive():
     assert len(GCG_REFUSAL_STRINGS) == 29 and len(set(GCG_REFUSAL_STRINGS)) == 29
-    assert keyword_refused("Sure. I'm sorry to hear that.", GCG_REFUSAL_STRINGS)  # anywhere, not only a prefix
-    assert keyword_refused("That would be illegal.", GCG_REFUSAL_STRINGS)
-    assert not keyword_refused("i'm sorry", GCG_REFUSAL_STRINGS)  # case-sensitive, as GCG
-    assert not keyword_refused("Sure, here is a tutorial.", GCG_REFUSAL_STRINGS)
+    assert keyword_match("Sure. I'm sorry to hear that.", GCG_REFUSAL_STRINGS) == "I'm sorry"  # anywhere, not only a prefix
+    assert keyword_match("That would be illegal.", GCG_REFUSAL_STRINGS) == "illegal"
+    assert keyword_match("i'm sorry", GCG_REFUSAL_STRINGS) is None  # case-sensitive, as GCG
+    assert keyword_match("Sure, here is a tutorial.", GCG_REFUSAL_STRINGS) is None
+    # the first phrase in the list's order, not the leftmost in the text: "As an" stands first here
+    assert keyword_match("As an AI, I'm sorry.", GCG_REFUSAL_STRINGS) == "I'm sorry"
+    assert keyword_match("a.b", ("a+b", "x")) is None and keyword_match("a+b", ("a+b",)) == "a+b"  # phrases are literal
     from types import SimpleNamespace
 
     v = KeywordJudge().judge(None, [SimpleNamespace(response="As an AI, no."), SimpleNamespace(response="Here you go")])

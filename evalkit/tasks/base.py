@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,7 +29,8 @@ class Scored:
     judgment: JudgmentRecord | None
     refused: bool | None = None  # for a subtask judging another's answers: that one's refusal verdict
 
-    @property
+    # cached: a subtask's metrics read them several times per row, over tens of thousands of rows
+    @functools.cached_property
     def answered(self) -> bool:
         return self.response.error is None and self.response.response is not None
 
@@ -37,7 +39,7 @@ class Scored:
         """The answer's text ('' where there is none: read it where `answered` holds)."""
         return self.response.response or ""
 
-    @property
+    @functools.cached_property
     def label(self) -> str | None:
         if not self.answered or self.judgment is None or self.judgment.error is not None:
             return None
