@@ -9,6 +9,9 @@ Workloads (each server alone, started once per round, all workloads against it i
   sampling49  64 concurrent AdvBench prompts, each under one of ASR_Decoding's 49 sampling
               configurations (evalkit.tasks.safety.DECODING_SWEEPS), 64 new tokens;
   advbench256 64 concurrent AdvBench prompts, greedy, max_tokens 256: answers end at their own lengths.
+  abandoned40 (after the others) 40 clients open 1,500-token streams, read the first event and hang up;
+              then the time a 4-token request takes to come back (and the same request on the idle
+              server before), waiting at most --abandon-timeout seconds.
 Tokens are the completion tokens each server reports. The model is the packaged SmolLM2-135M-Instruct
 (converted once by servers/model_source.py) when it is installed, else a tiny random Llama.
 
@@ -42,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 ADVBENCH = REPO.parent / "shared" / "datasets" / "advbench" / "harmful_behaviors.csv"
 CB_PEER = "transformers serve --continuous-batching"
-PEER_DROPS = ("top_k",)  # transformers serve answers 422 to a top_k field
+PEER_DROPS = ("top_k", "ignore_eos")  # transformers serve answers 422 to a top_k field; ignore_eos is vLLM's and ours
 
 
 def free_port() -> int:
@@ -123,6 +126,34 @@ async def load(url: str, model: str, bodies: list[dict], drop: tuple[str, ...] =
         return time.perf_counter() - t0, sum(tokens)
 
 
+async def after_abandoned(url: str, model: str, drop: tuple[str, ...], timeout: float) -> tuple[float, float | None]:
+    """Seconds a 4-token request takes on the idle server, then after 40 clients opened 1,500-token
+    streams, read their first event and disconnected (None: no answer within `timeout`)."""
+    small = {"model": model, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0}
+    long = {"model": model, "messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 1500,
+            "stream": True, "ignore_eos": True}
+    long = {k: v for k, v in long.items() if k not in drop}
+
+    async def timed(s: aiohttp.ClientSession) -> float:
+        t0 = time.perf_counter()
+        async with s.post(url + "/chat/completions", json=small, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            await r.read()
+        return time.perf_counter() - t0
+
+    async def hang_up() -> None:
+        async with aiohttp.ClientSession() as s, s.post(url + "/chat/completions", json=long) as r:
+            await r.content.readline()  # the first event: the stream has started
+            r.close()  # drop the connection, as a client that went away
+
+    async with aiohttp.ClientSession() as s:
+        idle = await timed(s)
+        await asyncio.gather(*(hang_up() for _ in range(40)))
+        try:
+            return idle, await timed(s)
+        except TimeoutError:
+            return idle, None
+
+
 def time_decoding_run(url: str, model: str, limit: int, tmp: Path) -> float:
     out = tmp / f"decoding-{time.monotonic_ns()}"
     t0 = time.perf_counter()
@@ -158,7 +189,8 @@ def main() -> None:
     ap.add_argument("--peer-default", action="store_true", help="also measure transformers serve without --continuous-batching")
     ap.add_argument("--no-peer", action="store_true", help="measure evalkit's servers only")
     ap.add_argument("--decoding-limit", type=int, default=0, help="also time `evalkit run --subtasks advbench_decoding --limit N`")
-    ap.add_argument("--only", help="comma-separated workloads to run [all]")
+    ap.add_argument("--only", help="comma-separated workloads to run, abandoned40 included [all]")
+    ap.add_argument("--abandon-timeout", type=float, default=120.0, help="longest wait for the answer after abandoned streams (s)")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="evalkit-serve-bench-"))
     try:
@@ -166,6 +198,8 @@ def main() -> None:
         loads = workloads(True)
         if a.only:
             loads = {k: v for k, v in loads.items() if k in a.only.split(",")}
+        measure_abandoned = not a.only or "abandoned40" in a.only.split(",")
+        abandoned: dict[str, tuple[float, float | None]] = {}
         transformers_cli = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
         ours = [sys.executable, "-m", "servers.hf_server", str(model), "--device", a.device, "--quant", a.quant]
         peer = [transformers_cli, "serve", str(model), "--host", "127.0.0.1", "--device", a.device] + (
@@ -202,6 +236,13 @@ def main() -> None:
                         took = time_decoding_run(url, str(model), a.decoding_limit, tmp)
                         decoding[name] = min(decoding.get(name, float("inf")), took)
                         print(f"round {rnd + 1} evalkit run advbench_decoding --limit {a.decoding_limit} against {name}: {took:.1f} s", flush=True)
+                    if measure_abandoned and rnd == 0:  # last: a server that keeps generating stays busy
+                        abandoned[name] = asyncio.run(after_abandoned(url, str(model), () if name.startswith("evalkit") else PEER_DROPS,
+                                                                      a.abandon_timeout))
+                        idle, after = abandoned[name]
+                        print(f"round 1 abandoned40  {name:42} 4-token answer: {idle:.2f} s idle, "
+                              + (f"{after:.2f} s after 40 abandoned streams" if after is not None else
+                                 f"none within {a.abandon_timeout:.0f} s after 40 abandoned streams"), flush=True)
                 finally:
                     stop(proc)
         print(f"\nmodel {model.name}, device {a.device}, quant {a.quant}; best of {a.rounds} round(s); output tokens/s")
@@ -214,6 +255,9 @@ def main() -> None:
                   + " | ".join(f"{rates[0] / r:.2f}x" for r in rates[1:]) + " |")
         for name, (base, peak, after) in memory.items():
             print(f"RSS {name}: {base:.0f} MB after warm-up, {peak:.0f} MB peak, {after:.0f} MB 2 s after the last workload")
+        for name, (idle, after) in abandoned.items():
+            print(f"4-token answer after 40 abandoned 1,500-token streams, {name}: "
+                  + (f"{after:.2f} s" if after is not None else f"none within {a.abandon_timeout:.0f} s") + f" (idle: {idle:.2f} s)")
         for name, took in decoding.items():
             print(f"evalkit run --subtasks advbench_decoding --limit {a.decoding_limit} against {name}: {took:.1f} s")
     finally:

@@ -92,6 +92,9 @@ class Row:
     token_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     sent: int = 0  # characters of text already streamed
     rng: Any = None
+    decoded: str = ""  # the text of tokens[:read_offset], grown a step at a time (incremental_text)
+    prefix_offset: int = 0
+    read_offset: int = 0
 
     @property
     def reserved(self) -> int:
@@ -108,10 +111,23 @@ def kv_bytes_per_token(model) -> int:
     return cfg.num_hidden_layers * 2 * kv_heads * head_dim * torch.empty((), dtype=model.dtype).element_size()
 
 
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """The text up to the first stop string, and whether one occurred."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+def cut_at_stop(text: str, stops: list[str], start: int = 0) -> tuple[str, bool]:
+    """The text up to the first stop string found from `start` on, and whether one occurred."""
+    cut = min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def incremental_text(tok, row: Row) -> None:
+    """Extend row.decoded by the text of the row's new tokens, decoding only a short window: the
+    tokens since the last extension plus the ones before it, for context (a merged space, a
+    character split over several byte tokens). Decoding the whole answer at every step would cost
+    O(length) a step. A window whose text ends in an unfinished character waits for the next token.
+    This is the offset scheme of vLLM's detokenize_incrementally."""
+    prefix = tok.decode(row.tokens[row.prefix_offset:row.read_offset], skip_special_tokens=True)
+    full = tok.decode(row.tokens[row.prefix_offset:], skip_special_tokens=True)
+    if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        row.decoded += full[len(prefix):]
+        row.prefix_offset, row.read_offset = row.read_offset, len(row.tokens)
 
 
 def sample_rows(logits, rows: list[Row], fallback):
@@ -338,11 +354,10 @@ class DecodeLoop:
                     vals, ids = logp[i].topk(row.logprobs)
                     alts = list(zip(ids.tolist(), vals.tolist()))
                 row.token_logprobs.append((t, float(logp[i, t]), alts))
-            if row.stop or row.on_text is not None:
-                if self._emit(row):
-                    row.finish_reason = "stop"
-                    self._finish(row)
-                    continue
+            if (row.stop or row.on_text is not None) and self._emit(row):
+                row.finish_reason = "stop"
+                self._finish(row, row.text)  # cut at the stop string
+                continue
             if len(row.tokens) >= row.max_new_tokens:
                 row.finish_reason = "length"
                 self._finish(row)
@@ -351,23 +366,23 @@ class DecodeLoop:
         return keep
 
     def _emit(self, row: Row) -> bool:
-        """Stream the row's new text, holding back what could start a stop string or an unfinished
-        character; True when a stop string has occurred."""
-        text, stopped = cut_at_stop(self.tok.decode(row.tokens, skip_special_tokens=True), row.stop)
+        """Stream the row's new text, holding back what could start a stop string (an unfinished
+        character is held back by incremental_text); True when a stop string has occurred."""
+        before = len(row.decoded)
+        incremental_text(self.tok, row)
+        longest = max((len(s) for s in row.stop), default=1)
+        text, stopped = cut_at_stop(row.decoded, row.stop, max(0, before - longest + 1))  # only the new text can hold a new stop
         row.text = text
         if row.on_text is not None:
-            hold = 0 if stopped else max((len(s) - 1 for s in row.stop), default=0)
-            safe = len(text) - hold
-            if text.endswith("\ufffd") and not stopped:
-                safe = min(safe, len(text) - 1)
+            safe = len(text) - (0 if stopped else longest - 1)
             if safe > row.sent:
                 row.on_text(text[row.sent:safe])
                 row.sent = safe
         return stopped
 
-    def _finish(self, row: Row) -> None:
-        if not (row.stop or row.on_text is not None):  # otherwise _emit has kept row.text current, cut at a stop
-            row.text = self.tok.decode(row.tokens, skip_special_tokens=True)
+    def _finish(self, row: Row, text: str | None = None) -> None:
+        """Done: its text is `text`, else the whole answer decoded once."""
+        row.text = self.tok.decode(row.tokens, skip_special_tokens=True) if text is None else text
         self.stats["finished"] += 1
         self._done(row)
 

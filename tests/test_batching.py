@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from servers.batching import DecodeLoop, Limits, Row, Sampling, sample_rows  # noqa: E402
+from servers.batching import DecodeLoop, Limits, Row, Sampling, incremental_text, sample_rows  # noqa: E402
 from servers.tiny import tiny_llama  # noqa: E402
 
 PROMPTS = ["hello world", "the quick brown fox", "I'm sorry, I cannot", "Sure, here is how to do it step by step",
@@ -147,6 +147,54 @@ def test_streamed_pieces_add_up_to_the_text(tiny, loop):
     _, tok = tiny
     pieces: list[str] = []
     r = run(loop, [Row(ids(tok, PROMPTS[1]), 20, Sampling(0.0), on_text=pieces.append)])[0]
+    assert "".join(pieces) == r.text
+
+
+def byte_level_tokenizer():
+    """A byte-level BPE (GPT-2 / SmolLM2 style): a character outside its merges is several byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["</s>"]))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["metaspace", "byte-level"])
+def test_incremental_text_equals_decoding_the_whole_answer(tiny, kind):
+    """Token by token, row.decoded is what decoding every token so far gives (less an unfinished
+    character at the end), while each step decodes only a few tokens."""
+    tok = tiny[1] if kind == "metaspace" else byte_level_tokenizer()
+    text = "hello world, the quick brown fox jumps over the lazy dog 😀 é 日本語 hello  world"
+    token_ids = ids(tok, text) + [tok.eos_token_id] + ids(tok, " and the dog")
+    row = Row([], len(token_ids))
+    widest = 0
+    for t in token_ids:
+        row.tokens.append(t)
+        incremental_text(tok, row)
+        whole = tok.decode(row.tokens, skip_special_tokens=True)
+        if whole.endswith("\ufffd"):  # a character short of its last byte: it waits
+            assert whole.startswith(row.decoded)
+        else:
+            assert row.decoded == whole
+        widest = max(widest, len(row.tokens) - row.prefix_offset)
+    assert row.decoded == tok.decode(token_ids, skip_special_tokens=True)
+    if kind == "byte-level":
+        assert len(ids(tok, "😀")) == 4  # the case it is for: a character split over byte tokens
+    assert widest <= 8  # a short window, not the whole answer
+
+
+def test_a_stop_string_across_tokens_cuts_the_streamed_text(tiny, loop):
+    """A stop string that spans several tokens: nothing of it is streamed, and the text ends before it."""
+    _, tok = tiny
+    free = run(loop, [Row(ids(tok, p), 40, Sampling(0.0)) for p in PROMPTS])
+    prompt, text = next((p, r.text) for p, r in zip(PROMPTS, free) if len(r.text) > 12)
+    stop = text[5:12]  # seven characters: more than one token of the tiny BPE
+    pieces: list[str] = []
+    r = run(loop, [Row(ids(tok, prompt), 40, Sampling(0.0), stop=[stop], on_text=pieces.append)])[0]
+    assert r.text == text[: text.find(stop)] and r.finish_reason == "stop"
     assert "".join(pieces) == r.text
 
 
