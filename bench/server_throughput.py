@@ -231,7 +231,8 @@ def main() -> None:
                         print(f"round {rnd + 1} {wl:12} {name:42} {tokens:6d} tokens in {wall:7.2f} s = {rate:7.1f} tok/s", flush=True)
                     watch.done.set()
                     time.sleep(2)
-                    memory[name] = (base, watch.peak, rss_mb(proc.pid))
+                    if loads:
+                        memory[name] = (base, watch.peak, rss_mb(proc.pid))
                     if a.decoding_limit and name.startswith("evalkit"):
                         took = time_decoding_run(url, str(model), a.decoding_limit, tmp)
                         decoding[name] = min(decoding.get(name, float("inf")), took)

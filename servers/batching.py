@@ -181,7 +181,8 @@ class DecodeLoop:
         self.pending: list[int] = []
         self.slots = Slots(limits.max_kv_tokens, limits.max_rows)
         self.reserved_len = 0  # longest prompt + max_new_tokens among the running rows
-        self.stats = collections.Counter(prefills=0, steps=0, admitted=0, finished=0, cancelled=0, failed=0, tokens=0, peak_rows=0)
+        self.stats = collections.Counter(prefills=0, steps=0, admitted=0, finished=0, cancelled=0, failed=0, tokens=0, peak_rows=0,
+                                         shrinks=0)
         self.thread: threading.Thread | None = None
         self.stopping = False
 
@@ -327,6 +328,9 @@ class DecodeLoop:
         if self.running:
             self.slots.trim(max(self.lengths))
             self.reserved_len = max(r.reserved for r in self.running)
+            if not self.waiting and self.slots.shrink():  # no joiner coming that would grow them again at once
+                self.stats["shrinks"] += 1
+                self._release_memory()
         else:
             self.slots.clear()
             self.reserved_len = 0
@@ -496,6 +500,17 @@ class Slots:
         """Drop the columns on the left that no remaining row uses."""
         self.window.start = self.window.end - longest
 
+    def shrink(self) -> bool:
+        """Smaller buffers once the remaining rows use under a quarter of them (a batch that thins out
+        without emptying would otherwise hold its peak memory); True when it reallocated."""
+        w = self.window
+        slots, columns = self.shape
+        rows, width = -(-w.rows // 8) * 8, min(columns, w.length + 2 * SLACK)
+        if slots * columns <= 4 * rows * width:
+            return False
+        self._reallocate(rows, width, end=w.length)
+        return True
+
     @property
     def layers(self) -> list[SlotLayer]:
         assert self.cache is not None
@@ -517,15 +532,22 @@ class Slots:
         else:
             columns = max(columns, need_cols + SLACK)
             slots = max(slots, min(self.max_rows, -(-rows // 8) * 8, max(rows, self.max_kv_tokens // columns)))
-            like = [(layer.keys, layer.values) for layer in self.layers] if self.cache is not None else template
-            assert like is not None
-            fresh = []
-            for k, v in like:
-                nk = k.new_zeros((slots, k.shape[1], columns, k.shape[3]))
-                nv = v.new_zeros((slots, v.shape[1], columns, v.shape[3]))
-                if self.cache is not None:
-                    nk[: w.rows, :, end - w.length : end] = k[: w.rows, :, w.start : w.end]
-                    nv[: w.rows, :, end - w.length : end] = v[: w.rows, :, w.start : w.end]
-                fresh.append(SlotLayer(w, nk, nv))
-            self.cache = Cache(layers=fresh)
+            self._reallocate(slots, columns, end, template)
+            return
+        w.start, w.end = end - w.length, end
+
+    def _reallocate(self, slots: int, columns: int, end: int, template=None) -> None:
+        """New buffers of slots x columns, the live window copied in to end at column `end`."""
+        w = self.window
+        like = [(layer.keys, layer.values) for layer in self.layers] if self.cache is not None else template
+        assert like is not None
+        fresh = []
+        for k, v in like:
+            nk = k.new_zeros((slots, k.shape[1], columns, k.shape[3]))
+            nv = v.new_zeros((slots, v.shape[1], columns, v.shape[3]))
+            if self.cache is not None:
+                nk[: w.rows, :, end - w.length : end] = k[: w.rows, :, w.start : w.end]
+                nv[: w.rows, :, end - w.length : end] = v[: w.rows, :, w.start : w.end]
+            fresh.append(SlotLayer(w, nk, nv))
+        self.cache = Cache(layers=fresh)
         w.start, w.end = end - w.length, end

@@ -198,6 +198,23 @@ def test_a_stop_string_across_tokens_cuts_the_streamed_text(tiny, loop):
     assert "".join(pieces) == r.text
 
 
+def test_buffers_shrink_when_the_batch_thins_out(tiny):
+    """40 rows start together; 39 leave after two tokens. The last one's buffers shrink from 40
+    slots to 8 (a quarter or less in use) while it runs on, and its tokens stay what they are alone."""
+    model, tok = tiny
+    lp = DecodeLoop(model, tok, Limits(max_rows=64, max_kv_tokens=1 << 16))
+    lp.start()
+    try:
+        alone = run(lp, [Row(ids(tok, PROMPTS[0]), 30, Sampling(0.0), ignore_eos=True)])[0].tokens
+        shapes: list[tuple[int, int]] = []
+        last = Row(ids(tok, PROMPTS[0]), 30, Sampling(0.0), ignore_eos=True, on_text=lambda _: shapes.append(lp.slots.shape))
+        run(lp, [last] + [Row(ids(tok, p), 2, Sampling(0.0), ignore_eos=True) for p in PROMPTS * 5][:39])
+    finally:
+        lp.stop()
+    assert last.tokens == alone
+    assert max(rows for rows, _ in shapes) == 40 and shapes[-1][0] == 8 and lp.stats["shrinks"] >= 1
+
+
 def test_a_cancelled_row_stops_and_frees_its_slot(tiny, loop):
     _, tok = tiny
     seen = []
