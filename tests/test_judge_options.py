@@ -172,3 +172,16 @@ def test_every_registered_judge_is_local_or_remote():
     remote = {name for name in REGISTRY if isinstance(build_judge(cfg, name), RemoteJudge)}
     assert remote == {"llm", "harmfulness", "safety_arithmetic", "perspective"}
     assert all(callable(getattr(build_judge(cfg, name), "judge", None)) for name in set(REGISTRY) - remote)
+
+
+def test_nest_options_merges_tables_and_leaves_its_input_alone():
+    """How the matrix fills in its judge: flat and nested names land in one table, later sources win
+    field by field, and the caller's dict is not changed."""
+    from evalkit.config import nest_options
+
+    run = {"judge_model": "mine", "judge": {"local": {"device": "cuda"}}, "concurrency": 8}
+    out = nest_options(run, {"judge": {"llm": {"endpoint": ["http://127.0.0.1:9000/v1"]}}, "classifier_batch_size": 4, "rps": None})
+    assert out == {"engine": {"concurrency": 8},
+                   "judge": {"llm": {"model": "mine", "endpoint": ["http://127.0.0.1:9000/v1"]},
+                             "local": {"device": "cuda", "batch_size": 4}}}
+    assert run == {"judge_model": "mine", "judge": {"local": {"device": "cuda"}}, "concurrency": 8}
