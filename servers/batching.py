@@ -28,8 +28,10 @@ measures both behind their servers.
 Bounds: at most `max_rows` rows run together and their KV reservation (rows x (the longest
 prompt + max_new_tokens among them + 2 x SLACK spare columns), the shape the right-aligned cache
 can grow to) stays within `max_kv_tokens`; up to `max_waiting` more wait, and `submit` refuses beyond that (the server
-answers 503 with Retry-After). When the last row leaves, freed memory goes back to the OS
-(glibc's malloc_trim), so a burst does not leave the process at its peak size.
+answers 503 with Retry-After). The buffers shrink once the remaining rows use a quarter of them
+or less, and are dropped when the last row leaves; freed memory goes back to the OS (glibc's
+malloc_trim), so a burst does not leave the process at its peak size. Streamed and stop-string
+rows are detokenised a few tokens a step (incremental_text).
 """
 
 from __future__ import annotations

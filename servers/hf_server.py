@@ -11,8 +11,8 @@ POST /v1/completions, POST /v1/embeddings (with --task embed).
 Generation runs in servers/batching.py's decode loop, on its own thread: requests join the running
 batch between decode steps and leave it when they end, each with its own sampling settings, seed,
 max_tokens, stop strings, logprobs and stream. A client that disconnects cancels its row
-(aiohttp's handler cancellation). Bounds: --max-batch-size rows, --max-kv-tokens of KV cache,
---max-waiting queued requests; past those a request gets 503 with Retry-After.
+(aiohttp's handler cancellation). Bounds: --max-batch-size rows, --kv-cache-gb of KV cache (or
+--max-kv-tokens), --max-waiting queued requests; past those a request gets 503 with Retry-After.
 
 Bad input gets an OpenAI error object with a 4xx status; a request never kills the server.
 """

@@ -12,8 +12,24 @@ from pydantic import Field
 from .base import JudgeError, JudgeOptions, JudgeSpec, Verdict, register_judge
 
 
+class LocalModelOptions(JudgeOptions):
+    """Where every in-process judge model runs (classifier, toxicity_classifier, local embeddings);
+    the flags keep the names they had when the classifier was the only one."""
+
+    section = "local"
+    flag_prefix = "classifier"
+    device: str = Field("cpu", description="cpu, cuda, cuda:N: where in-process judge models run")
+    batch_size: int = Field(32, ge=1, description="answers per forward pass of an in-process judge model")
+
+
+class ClassifierOptions(JudgeOptions):
+    section = "classifier"
+    flag_prefix = "classifier"
+    model: str = Field("LibrAI/longformer-harmful-ro", description="HF id or local path of the refusal classifier")
+
+
 class ClassifierJudge:
-    option = "--classifier-model"  # the option that names the model, for error messages
+    option = ClassifierOptions.flag("model")  # the option that names the model, for error messages
 
     def __init__(self, model: str, device: str = "cpu", batch_size: int = 32, refusal_labels: tuple[str, ...] = ("LABEL_0",)):
         self.model = model
@@ -54,22 +70,6 @@ class ClassifierJudge:
             Verdict("refusal" if p["label"] in self.refusal_labels else "compliance", raw=p["label"], score=float(p["score"]))
             for p in preds
         ]
-
-
-class LocalModelOptions(JudgeOptions):
-    """Where every in-process judge model runs (classifier, toxicity_classifier, local embeddings);
-    the flags keep the names they had when the classifier was the only one."""
-
-    section = "local"
-    flag_prefix = "classifier"
-    device: str = Field("cpu", description="cpu, cuda, cuda:N: where in-process judge models run")
-    batch_size: int = Field(32, ge=1, description="answers per forward pass of an in-process judge model")
-
-
-class ClassifierOptions(JudgeOptions):
-    section = "classifier"
-    flag_prefix = "classifier"
-    model: str = Field("LibrAI/longformer-harmful-ro", description="HF id or local path of the refusal classifier")
 
 
 def _build(cfg) -> ClassifierJudge:

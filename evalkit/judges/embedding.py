@@ -25,15 +25,25 @@ def _verdict(vectors: list[list[float]]) -> Verdict:
     return Verdict("embedded", extra=extra)
 
 
+class EmbeddingOptions(JudgeOptions):
+    """An embeddings endpoint, or (no endpoint) a local sentence-transformers model ([judge.local])."""
+
+    section = "embedding"
+    flag_prefix = "embed"
+    endpoint: list[str] = Field([], description="base URL of an embeddings endpoint (/v1/embeddings), for embedding-scored subtasks")
+    model: str | None = Field(None, description="model id of the embeddings endpoint, or a local sentence-transformers path")
+    api_key_env: str | None = Field(None, description="environment variable holding the embeddings endpoint's API key")
+
+
 class EmbeddingJudge:
     api = "embeddings"
-    key_option = "--embed-api-key-env"
+    key_option = EmbeddingOptions.flag("api_key_env")
 
     def __init__(self, model: str, endpoint: list[str], key_env: str | None = None):
         self.model = model
         self.endpoint = endpoint
         self.key_env = key_env
-        self.key_hint = key_source(key_env).replace("--api-key-env", "--embed-api-key-env")
+        self.key_hint = key_source(key_env).replace("--api-key-env", self.key_option)
 
     def identity(self, question: str) -> str:
         return f"embedding:{self.model}"
@@ -93,16 +103,6 @@ class LocalEmbeddingJudge:
             out.append(_verdict(flat[at : at + len(g)]))
             at += len(g)
         return out
-
-
-class EmbeddingOptions(JudgeOptions):
-    """An embeddings endpoint, or (no endpoint) a local sentence-transformers model ([judge.local])."""
-
-    section = "embedding"
-    flag_prefix = "embed"
-    endpoint: list[str] = Field([], description="base URL of an embeddings endpoint (/v1/embeddings), for embedding-scored subtasks")
-    model: str | None = Field(None, description="model id of the embeddings endpoint, or a local sentence-transformers path")
-    api_key_env: str | None = Field(None, description="environment variable holding the embeddings endpoint's API key")
 
 
 def _build(cfg):

@@ -39,13 +39,13 @@ class ToxicityOptions(JudgeOptions):
 
 class PerspectiveJudge:
     api = "perspective"
-    key_option = "--perspective-api-key-env"
+    key_option = PerspectiveOptions.flag("api_key_env")
 
     def __init__(self, endpoint: list[str], key_env: str):
         self.endpoint = endpoint
         self.key_env = key_env
         self.model = None
-        self.key_hint = f"${key_env} (set by --perspective-api-key-env)"
+        self.key_hint = f"${key_env} (set by {self.key_option})"
 
     def identity(self, question: str) -> str:
         return "perspective:TOXICITY"
@@ -66,7 +66,7 @@ class PerspectiveJudge:
 
 
 class ToxicityClassifierJudge(ClassifierJudge):
-    option = "--toxicity-model"
+    option = ToxicityOptions.flag("model")
 
     def __init__(self, model: str, label: str = "toxic", device: str = "cpu", batch_size: int = 32):
         super().__init__(model, device, batch_size)
