@@ -32,18 +32,49 @@ def start(cmd: list[str], log_path: Path, env: dict[str, str] | None = None, cwd
         log.close()
 
 
-def is_alive(pid: int) -> bool:
+def _running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie waiting for its parent (no /proc: exists at all)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    except OSError:  # no procfs (macOS): fall back to signal 0, which also counts zombies
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
         return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def is_alive(pid: int) -> bool:
+    if not _running(pid):
+        return False
     try:  # a zombie child of ours counts as dead
         done, _ = os.waitpid(pid, os.WNOHANG)
         return done == 0
     except ChildProcessError:
         return True
+
+
+def group_members(pgid: int) -> list[int]:
+    """The running (not zombie) processes of process group `pgid`; on a system without /proc, its leader if it runs."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return [pgid] if _running(pgid) else []
+    members = []
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it exited while we looked
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(d.name))
+    return members
 
 
 def ready(base_url: str, api_key: str | None = None, timeout: float = 2.0) -> bool:
@@ -79,7 +110,11 @@ def wait_ready(proc_pid: int, base_url: str, log_path: Path, timeout: float, api
 
 
 def stop(pid: int, grace: float = 15.0) -> None:
-    """SIGTERM the whole process group, then SIGKILL what is left after `grace` seconds."""
+    """SIGTERM the whole process group, then SIGKILL what is left after `grace` seconds.
+
+    Returns once no process of the group runs, not only its leader: a backend's workers (vLLM's,
+    or anything the leader spawned) may take longer to exit than the leader itself.
+    """
     try:
         pgid = os.getpgid(pid)
     except ProcessLookupError:
@@ -91,6 +126,6 @@ def stop(pid: int, grace: float = 15.0) -> None:
             return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if not is_alive(pid):
+            if not is_alive(pid) and not group_members(pgid):
                 return
             time.sleep(0.1)
