@@ -38,7 +38,7 @@ from aiohttp import web
 from evalkit import wire
 
 from . import recipe as recipes
-from .batching import DecodeLoop, Limits, Row, Sampling, kv_bytes_per_token
+from .batching import DecodeLoop, Limits, Row, Sampling, kv_bytes_per_token, weight_first_linears
 from .loading import QUANTS, Loaded, LoadError, load, model_spec
 from .spec import HF_FIELDS, add_arguments, from_namespace
 
@@ -63,6 +63,8 @@ class Generator:
         self.tok = loaded.tokenizer
         self.model = loaded.model
         self.lock = threading.Lock()
+        if str(loaded.device).startswith("cpu"):
+            weight_first_linears(self.model)
         self.loop = DecodeLoop(loaded.model, loaded.tokenizer, limits, device=loaded.device, model_lock=self.lock)
 
     def prompt_logprobs(self, ids: list[int], k: int) -> list[dict]:

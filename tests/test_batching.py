@@ -12,7 +12,16 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from servers.batching import DecodeLoop, Limits, Row, Sampling, incremental_text, sample_rows  # noqa: E402
+from servers.batching import (  # noqa: E402
+    SMALL_MATMUL_TOKENS,
+    DecodeLoop,
+    Limits,
+    Row,
+    Sampling,
+    incremental_text,
+    sample_rows,
+    weight_first_linears,
+)
 from servers.tiny import tiny_llama  # noqa: E402
 
 PROMPTS = ["hello world", "the quick brown fox", "I'm sorry, I cannot", "Sure, here is how to do it step by step",
@@ -278,6 +287,46 @@ def test_activation_hooks_apply_to_every_row(tiny, tmp_path):
     lp.start()
     try:
         assert [r.tokens for r in run(lp, [Row(ids(tok, p), 12, Sampling(0.0)) for p in PROMPTS])] == want
+    finally:
+        lp.stop()
+
+
+def test_weight_first_linears_compute_w_x_t_on_small_inputs_only():
+    """Few tokens: exactly (W·Xᵀ)ᵀ + b, and equal to F.linear within float rounding; prefill-sized
+    inputs: exactly F.linear. Only plain nn.Linear modules change, and their hooks still run."""
+    torch.manual_seed(0)
+
+    class Other(torch.nn.Linear):  # a subclass (bitsandbytes, HQQ, LoRA layers) keeps its own forward
+        pass
+
+    net = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 8, bias=False), Other(8, 8))
+    assert weight_first_linears(net) == 2 and "forward" not in vars(net[2])
+    lin = net[0]
+    small = torch.randn(3, 5, 16)
+    got = lin(small)
+    assert got.shape == (3, 5, 24) and got.is_contiguous()
+    assert torch.equal(got, ((lin.weight @ small.reshape(15, 16).t()).t() + lin.bias).reshape(3, 5, 24))
+    torch.testing.assert_close(got, torch.nn.functional.linear(small, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    large = torch.randn(SMALL_MATMUL_TOKENS + 1, 16)
+    assert torch.equal(lin(large), torch.nn.functional.linear(large, lin.weight, lin.bias))
+    seen = []
+    net[1].register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    net(small)
+    assert seen == [(3, 5, 8)]
+
+
+def test_greedy_rows_with_weight_first_linears_equal_generate_alone(tiny):
+    """The CPU server's decode path (weight-first linears) answers what plain generate does."""
+    import copy
+
+    model, tok = tiny
+    fast = copy.deepcopy(model)
+    assert weight_first_linears(fast) == sum(type(m) is torch.nn.Linear for m in model.modules()) > 0
+    want = [greedy_alone(model, tok, p, 24) for p in PROMPTS]
+    lp = DecodeLoop(fast, tok)
+    lp.start()
+    try:
+        assert [r.tokens for r in run(lp, [Row(ids(tok, p), 24, Sampling(0.0)) for p in PROMPTS])] == want
     finally:
         lp.stop()
 
