@@ -13,6 +13,8 @@ batch between decode steps and leave it when they end, each with its own samplin
 max_tokens, stop strings, logprobs and stream. A client that disconnects cancels its row
 (aiohttp's handler cancellation). Bounds: --max-batch-size rows, --kv-cache-gb of KV cache (or
 --max-kv-tokens), --max-waiting queued requests; past those a request gets 503 with Retry-After.
+On CPU the model's plain linear layers multiply weight-first on small inputs (batching.weight_first_linears:
+faster decode steps, the same answers).
 
 Bad input gets an OpenAI error object with a 4xx status; a request never kills the server.
 """

@@ -20,6 +20,7 @@ from servers.batching import (  # noqa: E402
     Sampling,
     incremental_text,
     sample_rows,
+    top_p_filter,
     weight_first_linears,
 )
 from servers.tiny import tiny_llama  # noqa: E402
@@ -135,6 +136,28 @@ def test_sampling_filters_against_hand_computed_values():
     u7 = float(torch.rand((), generator=torch.Generator().manual_seed(7)))
     out = sample_rows(torch.stack([logits, logits.flip(0)]), [row, Row([1], 1, Sampling(0.0))], torch.Generator()).tolist()
     assert out == [int((probs < u7 * probs[-1]).sum()), 4]
+
+
+def test_top_p_over_candidates_equals_the_full_sort():
+    """The nucleus taken from the likeliest `candidates` tokens (rows whose candidates hold more
+    than top_p) or from a full sort (the others) keeps exactly the tokens a direct computation does:
+    sorted probabilities, a token kept while the mass before it is at most top_p."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(4, 500) * 4, torch.randn(4, 500) * 0.1])  # peaked rows, then nearly flat ones
+    ps = torch.tensor([0.05, 0.5, 0.9, 0.99] * 2)
+
+    def direct(row: torch.Tensor, p: float) -> set[int]:
+        probs, order = row.double().softmax(0).sort(descending=True)
+        before = probs.cumsum(0) - probs
+        return {int(t) for t, b in zip(order, before) if b <= p}
+
+    want = [direct(x[i], float(ps[i])) for i in range(len(x))]
+    sizes = sorted(len(w) for w in want)
+    assert sizes[0] == 1 and sizes[3] < 32 < sizes[4]  # with 32 candidates, half the rows need the full sort
+    for candidates in (32, 1024):
+        got = top_p_filter(x.clone(), ps, candidates)
+        assert [set(torch.isfinite(r).nonzero().flatten().tolist()) for r in got] == want
+        assert torch.equal(got[torch.isfinite(got)], x[torch.isfinite(got)])  # kept logits unchanged
 
 
 def test_mixed_max_tokens_and_stop_strings_end_each_row(tiny, loop):
