@@ -32,12 +32,19 @@ def start(cmd: list[str], log_path: Path, env: dict[str, str] | None = None, cwd
         log.close()
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...); None when the
+    process is gone. Raises OSError where there is no procfs."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+
+
 def _running(pid: int) -> bool:
     """True while `pid` exists and is not a zombie waiting for its parent (no /proc: exists at all)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
+        fields = _stat(pid)
     except OSError:  # no procfs (macOS): fall back to signal 0, which also counts zombies
         try:
             os.kill(pid, 0)
@@ -46,7 +53,7 @@ def _running(pid: int) -> bool:
         except PermissionError:
             pass
         return True
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return fields is not None and fields[0] != "Z"
 
 
 def is_alive(pid: int) -> bool:
@@ -66,13 +73,11 @@ def group_members(pgid: int) -> list[int]:
         return [pgid] if _running(pgid) else []
     members = []
     for d in proc.iterdir():
-        if not d.name.isdigit():
-            continue
         try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = _stat(int(d.name)) if d.name.isdigit() else None
         except OSError:  # it exited while we looked
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
+        if fields is not None and fields[0] != "Z" and int(fields[2]) == pgid:
             members.append(int(d.name))
     return members
 

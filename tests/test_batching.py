@@ -4,6 +4,7 @@ rows join and leave between steps, bounds hold, cancelled rows stop, hooks apply
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 
@@ -53,13 +54,26 @@ def run(loop: DecodeLoop, rows: list[Row], timeout: float = 120) -> list[Row]:
     return rows
 
 
+@contextlib.contextmanager
+def started(lp: DecodeLoop):
+    lp.start()
+    try:
+        yield lp
+    finally:
+        lp.stop()
+
+
 @pytest.fixture()
 def loop(tiny):
     model, tok = tiny
-    lp = DecodeLoop(model, tok, Limits(max_rows=16, max_kv_tokens=1 << 16))
-    lp.start()
-    yield lp
-    lp.stop()
+    with started(DecodeLoop(model, tok, Limits(max_rows=16, max_kv_tokens=1 << 16))) as lp:
+        yield lp
+
+
+def greedy_in_a_batch(model, tok, n: int) -> list[list[int]]:
+    """Greedy tokens of every prompt, served together by a fresh decode loop on `model`."""
+    with started(DecodeLoop(model, tok)) as lp:
+        return [r.tokens for r in run(lp, [Row(ids(tok, p), n, Sampling(0.0)) for p in PROMPTS])]
 
 
 def greedy_alone(model, tok, prompt: str, n: int) -> list[int]:
@@ -234,15 +248,11 @@ def test_buffers_shrink_when_the_batch_thins_out(tiny):
     """40 rows start together; 39 leave after two tokens. The last one's buffers shrink from 40
     slots to 8 (a quarter or less in use) while it runs on, and its tokens stay what they are alone."""
     model, tok = tiny
-    lp = DecodeLoop(model, tok, Limits(max_rows=64, max_kv_tokens=1 << 16))
-    lp.start()
-    try:
+    with started(DecodeLoop(model, tok, Limits(max_rows=64, max_kv_tokens=1 << 16))) as lp:
         alone = run(lp, [Row(ids(tok, PROMPTS[0]), 30, Sampling(0.0), ignore_eos=True)])[0].tokens
         shapes: list[tuple[int, int]] = []
         last = Row(ids(tok, PROMPTS[0]), 30, Sampling(0.0), ignore_eos=True, on_text=lambda _: shapes.append(lp.slots.shape))
         run(lp, [last] + [Row(ids(tok, p), 2, Sampling(0.0), ignore_eos=True) for p in PROMPTS * 5][:39])
-    finally:
-        lp.stop()
     assert last.tokens == alone
     assert max(rows for rows, _ in shapes) == 40 and shapes[-1][0] == 8 and lp.stats["shrinks"] >= 1
 
@@ -306,12 +316,7 @@ def test_activation_hooks_apply_to_every_row(tiny, tmp_path):
     steered.model.layers[0].mlp.register_forward_hook(lambda mod, a, out: steering.steer(out, v, 2.0, "paper"))
     want = [greedy_alone(steered, tok, p, 12) for p in PROMPTS]
     assert want != [greedy_alone(model, tok, p, 12) for p in PROMPTS]
-    lp = DecodeLoop(steered, tok)
-    lp.start()
-    try:
-        assert [r.tokens for r in run(lp, [Row(ids(tok, p), 12, Sampling(0.0)) for p in PROMPTS])] == want
-    finally:
-        lp.stop()
+    assert greedy_in_a_batch(steered, tok, 12) == want
 
 
 def test_weight_first_linears_compute_w_x_t_on_small_inputs_only():
@@ -346,12 +351,7 @@ def test_greedy_rows_with_weight_first_linears_equal_generate_alone(tiny):
     fast = copy.deepcopy(model)
     assert weight_first_linears(fast) == sum(type(m) is torch.nn.Linear for m in model.modules()) > 0
     want = [greedy_alone(model, tok, p, 24) for p in PROMPTS]
-    lp = DecodeLoop(fast, tok)
-    lp.start()
-    try:
-        assert [r.tokens for r in run(lp, [Row(ids(tok, p), 24, Sampling(0.0)) for p in PROMPTS])] == want
-    finally:
-        lp.stop()
+    assert greedy_in_a_batch(fast, tok, 24) == want
 
 
 def test_kv_bytes_per_token_for_smollm2_shapes():
