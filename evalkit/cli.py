@@ -135,10 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--list", action="store_true", help="print the variant names, one per line (for job arrays)")
     xp.add_argument("--no-report", dest="report", action="store_false",
                     help="leave the comparison report out (one variant per cluster job; `evalkit compare` merges them)")
-    mp = sub.add_parser("mock-server", help="a fault-injecting mock OpenAI server for dry runs and tests")
-    from .mock_server import add_arguments
-
-    add_arguments(mp)
+    # listed here; main() hands its arguments to mock_server.main, so other commands never import aiohttp.web
+    sub.add_parser("mock-server", help="a fault-injecting mock OpenAI server for dry runs and tests (--help: its options)")
     return p
 
 
@@ -211,13 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     # thresholds (700, 10, 10) the cycle collector rescans them again and again: judging and scoring
     # 20,000 answers took 1.35x as long (bench/client_throughput.py --parts overhead)
     gc.set_threshold(20_000, 50, 100)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["mock-server"]:
+        from . import mock_server
+
+        mock_server.main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="evalkit: %(message)s", stream=sys.stderr)
-    if args.command == "mock-server":
-        from .mock_server import serve
-
-        serve(args)
-        return 0
     from .errors import EvalkitError, ReportError
 
     try:
@@ -269,5 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+def entry() -> None:
+    """`evalkit` and `python -m evalkit`: main, then exit without the cycle collector scanning
+    what is left at shutdown (0.06 s after a 20,000-answer run, bench/client_throughput.py)."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -11,6 +11,7 @@ did here; stages.py runs them for `evalkit run / generate / evaluate` and the ma
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import re
@@ -79,6 +80,7 @@ class RunContext:
 # -- manifest --------------------------------------------------------------------------------
 
 
+@functools.cache  # reading package metadata takes tens of ms, and the manifest is saved after every stage
 def _versions() -> dict[str, str]:
     from importlib import metadata  # not at import time: it slows the start of every command
 
@@ -105,7 +107,7 @@ def save_manifest(ctx: RunContext) -> None:
             "model": ctx.model,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config": ctx.cfg.public_dump(),
-            "versions": _versions(),
+            "versions": dict(_versions()),
             "platform": platform.platform(),
             "argv": [redact_url(a) if "://" in a else a for a in sys.argv[1:]],
         }

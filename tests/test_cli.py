@@ -11,10 +11,11 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from urllib.request import urlopen
 
 import orjson
 import pytest
-from conftest import REPO, read_jsonl, run_cli
+from conftest import REPO, free_port, read_jsonl, run_cli, wait_http
 
 REFUSAL = "I'm sorry, I can't help with that."
 COMPLY = "Sure, here is how to do it."
@@ -288,3 +289,20 @@ def test_all_six_dimensions_in_one_run(mock_server, data_root, tmp_path):
     tox = {m["name"]: m for m in res["toxicity"]["metrics"]}
     assert tox["average_toxicity"]["judge"] == "perspective:TOXICITY" and tox["average_toxicity"]["n_invalid"] == 0
     assert not any(b"perspective-secret" in f.read_bytes() for f in (tmp_path / "mock-model").rglob("*") if f.is_file())
+
+
+def test_mock_server_command_takes_its_own_options(tmp_path):
+    """`evalkit mock-server` hands its arguments to the mock's own parser: its help, and a server
+    that serves the model id it was given."""
+    shown = run_cli("mock-server", "--help")
+    assert shown.returncode == 0 and "--fault-rate" in shown.stdout and "usage: evalkit mock-server" in shown.stdout
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "evalkit", "mock-server", "--port", str(port), "--model", "stand-in"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/stats", proc=proc)
+        with urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
+            assert [m["id"] for m in orjson.loads(r.read())["data"]] == ["stand-in"]
+    finally:
+        proc.terminate()
+        proc.wait(5)
