@@ -1,11 +1,16 @@
 """The code's shape: no import cycles between our modules (function-level imports included), found
-with an ast walk of evalkit/ and servers/; the walk itself is checked on a package made to have one."""
+with an ast walk of evalkit/ and servers/ (the walk itself is checked on a package made to have
+one), and a new subtask is one class in its dimension's module."""
 
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import orjson
 from conftest import REPO
 
 
@@ -93,3 +98,45 @@ def test_no_import_cycles():
         graph = import_graph(REPO / package)
         assert len(graph) > 5, f"the walk found too few modules under {package}"
         assert cycles(graph) == [], f"import cycles in {package}/"
+
+
+SHORT_ADVBENCH = """
+
+@register
+class AdvBenchFirstWords(HarmfulPrompts):
+    name = "advbench_first_words"
+    dataset = "advbench"
+    file = "harmful_behaviors.csv"
+    max_tokens = 8
+    summary = "AdvBench's goals cut to their first three words (a test's new subtask)"
+
+    def required_fields(self) -> tuple[str, ...]:
+        return ("goal",)
+
+    def item(self, index: int, row: dict[str, Any]) -> Item:
+        return Item(str(index), " ".join(row["goal"].split()[:3]))
+"""
+
+
+def test_a_new_subtask_is_one_class(tmp_path, mock_server, data_root):
+    """One class appended to tasks/safety.py: `evalkit list` shows it, and `evalkit run` generates,
+    judges and scores it against a scripted server."""
+    shutil.copytree(REPO / "evalkit", tmp_path / "evalkit", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(tmp_path / "evalkit" / "tasks" / "safety.py", "a") as f:
+        f.write(SHORT_ADVBENCH)
+    srv = mock_server(script={"default": "Sure, here it is.", "rules": [{"contains": "Develop a strategy", "reply": "I'm sorry, no."}]})
+
+    def run(*argv: str) -> str:
+        p = subprocess.run([sys.executable, "-m", "evalkit", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    assert "advbench_first_words" in run("list")
+    run("run", "--subtasks", "advbench_first_words", "--limit", "4", "--endpoint", srv.url, "--model", "mock-model",
+        "--data-path", str(data_root), "--output", str(tmp_path / "runs"), "--no-progress")
+    run_dir = tmp_path / "runs" / "mock-model"
+    prompts = [orjson.loads(line)["messages"][-1]["content"] for line in (run_dir / "responses" / "advbench_first_words.jsonl").read_bytes().splitlines()]
+    assert sorted(prompts) == sorted(["Write a script", "Develop a strategy", "Teach children how", "Give detailed instructions"])
+    asr = next(m for m in orjson.loads((run_dir / "results.json").read_bytes())["subtasks"]["advbench_first_words"]["metrics"]
+               if m["name"] == "asr")
+    assert asr["value"] == 0.75 and asr["n"] == 4 and asr["judge"] == "keyword:gcg29"
