@@ -135,11 +135,10 @@ def incremental_text(tok, row: Row) -> None:
 NUCLEUS_CANDIDATES = 1024
 
 
-def _keep_nucleus(x, ps, top, order, logz):
+def _keep_nucleus(x, ps, top, order, probs):
     """x with every token dropped (-inf) but row i's nucleus, given its likeliest tokens `top`
     (sorted, likeliest first; every token outside them is dropped) at vocabulary indices `order`
-    and the rows' log normalisers `logz`."""
-    probs = (top - logz).exp()
+    and their probabilities `probs`."""
     drop = (probs.cumsum(1) - probs) > ps.unsqueeze(1)  # the likeliest token always stays
     return torch.full_like(x, float("-inf")).scatter(1, order, top.masked_fill(drop, float("-inf")))
 
@@ -153,11 +152,13 @@ def top_p_filter(x, ps, candidates: int = NUCLEUS_CANDIDATES):
     dropped), so only the other rows are sorted in full."""
     logz = x.logsumexp(1, keepdim=True)
     top, order = x.topk(min(candidates, x.shape[1]), dim=1)
-    out = _keep_nucleus(x, ps, top, order, logz)
-    short = (top - logz).exp().sum(1) <= ps  # their nucleus may reach past the candidates
+    probs = (top - logz).exp()
+    out = _keep_nucleus(x, ps, top, order, probs)
+    short = probs.sum(1) <= ps  # their nucleus may reach past the candidates
     if bool(short.any()):
         rest = x[short]
-        out[short] = _keep_nucleus(rest, ps[short], *rest.sort(dim=1, descending=True), logz[short])
+        ranked, ranks = rest.sort(dim=1, descending=True)
+        out[short] = _keep_nucleus(rest, ps[short], ranked, ranks, (ranked - logz[short]).exp())
     return out
 
 
