@@ -25,6 +25,13 @@ about 0.6x a plain static `generate` batch on SmolLM2-135M (59-70 vs 112 tok/s, 
 tokens), while this loop keeps the plain batched forward pass; `bench/server_throughput.py`
 measures both behind their servers.
 
+Shared prompt starts: rows whose prompts begin with the same tokens (a chat template's system
+prompt) have those computed once, in a pass of their own, and the loop keeps the latest such
+prefix (up to KEPT_PREFIX_MAX tokens, one row of keys and values) for rows that arrive later; a
+row's tail then attends to the prefix's cached columns and right_aligned puts the prefix next to
+each tail. A causal model's keys and values for a prefix do not depend on what follows it, and
+the loader attaches activation hooks once, before the loop starts, so a kept prefix stays valid.
+
 Bounds: at most `max_rows` rows run together and their KV reservation (rows x (the longest
 prompt + max_new_tokens among them + 2 x SLACK spare columns), the shape the right-aligned cache
 can grow to) stays within `max_kv_tokens`; up to `max_waiting` more wait, and `submit` refuses beyond that (the server
@@ -188,6 +195,28 @@ def sample_rows(logits, rows: list[Row], fallback):
     return out
 
 
+SHARED_PREFIX_MIN = 16  # tokens: a shorter shared start is not worth a pass of its own
+KEPT_PREFIX_MAX = 512  # tokens: a longer shared start is used for its batch but not kept
+
+
+def shared_length(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens a and b share, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def right_aligned(kv: list[tuple[Any, Any]], shared: int, tails: list[int]) -> list[tuple[Any, Any]]:
+    """A prefix-shared prefill leaves row i's columns as [shared prefix | padding | its tail of
+    tails[i] tokens]; move the prefix next to the tail, so each row's tokens are the last columns
+    of its row, as the slots keep them (the columns left of them hold copies, hidden by the mask)."""
+    width = kv[0][0].shape[2]
+    column = torch.arange(width, device=kv[0][0].device)
+    start = width - shared - torch.tensor(tails, device=column.device).unsqueeze(1)  # where row i's prefix moves to
+    source = torch.where(column < start + shared, (column - start).clamp(min=0), column)
+    index = source[:, None, :, None]
+    return [(k.gather(2, index.expand_as(k)), v.gather(2, index.expand_as(v))) for k, v in kv]
+
+
 SMALL_MATMUL_TOKENS = 128  # at 256 tokens the two orientations ran equally fast
 
 
@@ -240,8 +269,11 @@ class DecodeLoop:
         self.pending: list[int] = []
         self.slots = Slots(limits.max_kv_tokens, limits.max_rows)
         self.reserved_len = 0  # longest prompt + max_new_tokens among the running rows
+        # the shared start of recent prompts (a chat template's system prompt): its tokens and its
+        # keys and values per layer, one row (see _shared_prefix)
+        self.kept_prefix: tuple[list[int], list[tuple[Any, Any]]] = ([], [])
         self.stats = collections.Counter(prefills=0, steps=0, admitted=0, finished=0, cancelled=0, failed=0, tokens=0, peak_rows=0,
-                                         shrinks=0)
+                                         shrinks=0, shared_prompt_tokens=0)
         self.thread: threading.Thread | None = None
         self.stopping = False
 
@@ -339,29 +371,67 @@ class DecodeLoop:
         return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs).logits[:, -1].float()
 
     def _prefill(self, rows: list[Row]) -> None:
-        width = max(len(r.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
+        for r in rows:
             if r.sampling.seed is not None:
                 r.rng = torch.Generator(device=self.device)
                 r.rng.manual_seed(r.sampling.seed)
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        shared, prefix = self._shared_prefix(rows)
         cache = DynamicCache()  # full layers: a sliding-window layer would keep less than the slots need
-        logits = self._forward(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), cache)
+        for i, (k, v) in enumerate(prefix):
+            cache.update(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1), i)
+        tails = [r.prompt_ids[shared:] for r in rows]
+        width = max(len(t) for t in tails)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, t in enumerate(tails):  # left-padded: every row's last token in the last column
+            ids[i, width - len(t):] = torch.tensor(t)
+            mask[i, width - len(t):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = shared + (mask.cumsum(1) - 1).clamp(min=0)
+        mask = torch.cat([mask.new_ones((len(rows), shared)), mask], 1)
+        logits = self._forward(ids, mask, positions, cache)
         self.stats["prefills"] += 1
         self.stats["admitted"] += len(rows)
+        self.stats["shared_prompt_tokens"] += shared * len(rows)
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        if shared:
+            kv = right_aligned(kv, shared, [len(t) for t in tails])
         tokens = sample_rows(logits, rows, self.fallback).tolist()
         keep = self._record(rows, logits, tokens)
         if keep:
-            self.slots.join([(layer.keys[keep], layer.values[keep]) for layer in cache.layers])
+            self.slots.join([(k[keep], v[keep]) for k, v in kv])
             self.running += [rows[i] for i in keep]
             self.lengths += [len(rows[i].prompt_ids) for i in keep]
             self.pending += [tokens[i] for i in keep]
             self.reserved_len = max(r.reserved for r in self.running)
             self.stats["peak_rows"] = max(self.stats["peak_rows"], len(self.running))
+
+    def _shared_prefix(self, rows: list[Row]) -> tuple[int, list[tuple[Any, Any]]]:
+        """How many leading prompt tokens all the rows share whose keys and values are at hand, and
+        those (per layer, one row). The kept prefix serves when the rows start with it; when two or
+        more rows share SHARED_PREFIX_MIN tokens beyond it, their shared part is computed here in
+        one pass (extending what the kept prefix covers) and kept in its place. (0, []): prefill
+        the rows whole. Every row keeps at least its last prompt token to feed."""
+        first = rows[0].prompt_ids
+        common = min(len(r.prompt_ids) for r in rows) - 1
+        for r in rows[1:]:
+            common = shared_length(first, r.prompt_ids, common)
+        kept_tokens, kept = self.kept_prefix
+        reuse = shared_length(kept_tokens, first, common)
+        if len(rows) > 1 and common - reuse >= SHARED_PREFIX_MIN:
+            cache = DynamicCache()
+            for i, (k, v) in enumerate(kept if reuse else []):
+                cache.update(k[:, :, :reuse], v[:, :, :reuse], i)
+            ids = torch.tensor([first[reuse:common]], device=self.device)
+            positions = torch.arange(reuse, common, device=self.device).unsqueeze(0)
+            self._forward(ids, torch.ones((1, common), dtype=torch.long, device=self.device), positions, cache)
+            prefix = [(layer.keys, layer.values) for layer in cache.layers]
+            if common <= KEPT_PREFIX_MAX:
+                self.kept_prefix = (first[:common], prefix)
+            return common, prefix
+        if reuse >= SHARED_PREFIX_MIN:
+            return reuse, [(k[:, :, :reuse], v[:, :, :reuse]) for k, v in kept]
+        return 0, []
 
     def _step(self) -> None:
         self.slots.make_room()

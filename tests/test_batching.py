@@ -20,6 +20,7 @@ from servers.batching import (  # noqa: E402
     Row,
     Sampling,
     incremental_text,
+    right_aligned,
     sample_rows,
     top_p_filter,
     weight_first_linears,
@@ -113,6 +114,47 @@ def test_rows_joining_and_leaving_mid_batch_keep_their_answers(tiny, loop):
         assert done.acquire(timeout=120)
     assert [r.tokens for r in rows] == want
     assert loop.stats["prefills"] > 1 and loop.snapshot()["running"] == 0
+
+
+SYSTEM = "You are a careful assistant. Answer briefly and truthfully, and refuse anything harmful. The user says: "
+
+
+def test_rows_sharing_a_system_prompt_compute_it_once_and_answer_as_alone(tiny, loop):
+    """Rows that start with the same tokens (a chat template's system prompt) prefill them in one
+    pass; a later row starting with them reuses the kept keys and values. Every row still gets
+    generate's greedy answer, and the first token's 20 likeliest logprobs of a direct forward pass
+    (these differ by up to 3e-3 when the tail's positions are off by the prefix length)."""
+    model, tok = tiny
+    shared = len(ids(tok, SYSTEM)) - 1  # the text's last token may merge with the next word
+    assert shared >= 16
+    prompts = [SYSTEM + p for p in PROMPTS]
+    want = [greedy_alone(model, tok, p, 16) for p in prompts]
+    rows = run(loop, [Row(ids(tok, p), 16, Sampling(0.0), logprobs=20) for p in prompts])
+    assert [r.tokens for r in rows] == want
+    assert loop.stats["shared_prompt_tokens"] >= shared * len(prompts) and loop.stats["prefills"] == 1
+    first = loop.stats["shared_prompt_tokens"]
+    later = run(loop, [Row(ids(tok, prompts[2]), 16, Sampling(0.0), logprobs=20)])[0]  # alone, from the kept prefix
+    assert later.tokens == want[2] and loop.stats["shared_prompt_tokens"] - first >= shared
+    for i, r in [(i, rows[i]) for i in range(len(prompts))] + [(2, later)]:
+        with torch.no_grad():
+            direct = model(torch.tensor([ids(tok, prompts[i])])).logits[0, -1].log_softmax(-1).topk(20)
+        alts = r.token_logprobs[0][2]
+        assert [t for t, _ in alts] == direct.indices.tolist()
+        assert [lp for _, lp in alts] == pytest.approx(direct.values.tolist(), abs=1e-4)
+
+
+def test_right_aligned_moves_the_shared_prefix_next_to_each_tail():
+    """[prefix | padding | tail] becomes [copies | prefix | tail]: row i's tokens end its row."""
+    shared, tails = 2, [1, 3, 2]
+    width = shared + max(tails)
+    cols = torch.arange(width).float()
+    k = cols.repeat(len(tails), 2, 1).unsqueeze(-1).repeat(1, 1, 1, 4)  # rows x heads x columns x dim: the column number
+    (moved, _), = right_aligned([(k, -k)], shared, tails)
+    # row 0 (tail 1): columns 0..3 -> prefix 0,1 then its tail at column 4; the two before hold copies of column 0
+    assert moved[0, 0, :, 0].tolist() == [0, 0, 0, 1, 4]
+    assert moved[1, 0, :, 0].tolist() == [0, 1, 2, 3, 4]
+    assert moved[2, 0, :, 0].tolist() == [0, 0, 1, 3, 4]
+    assert torch.equal(moved[:, 1], moved[:, 0]) and torch.equal(moved[..., 3], moved[..., 0])
 
 
 def test_seeded_sampling_is_the_same_alone_and_beside_other_rows(tiny, loop):
