@@ -19,10 +19,10 @@ from servers.batching import (  # noqa: E402
     Limits,
     Row,
     Sampling,
+    filtered_draw,
     incremental_text,
     right_aligned,
     sample_rows,
-    top_p_filter,
     weight_first_linears,
 )
 from servers.tiny import tiny_llama  # noqa: E402
@@ -185,6 +185,11 @@ def test_sampling_filters_against_hand_computed_values():
         assert got == [0 if x < p0 else 1 for x in u]  # inverse CDF with each row's own first uniform
         share = got.count(0) / len(got)
         assert abs(share - p0) < 4 * math.sqrt(p0 * (1 - p0) / len(got))
+        # the kept tokens are ranked likeliest first, wherever they sit in the vocabulary
+        perm = torch.tensor([3, 0, 4, 1, 2])  # shuffled[j] = logits[perm[j]]: token 0 is now 1, token 1 is now 3
+        for r in rows:
+            r.rng = torch.Generator().manual_seed(r.sampling.seed)
+        assert sample_rows(logits[perm].repeat(3000, 1), rows, torch.Generator()).tolist() == [1 if x < p0 else 3 for x in u]
     # temperature 0.5 doubles the logits: softmax of [4, 2, 1, 0, -2]; a greedy row beside it takes the argmax
     probs = torch.tensor([4.0, 2.0, 1.0, 0.0, -2.0]).softmax(0).cumsum(0)
     row = Row([1], 1, Sampling(0.5, seed=7))
@@ -194,26 +199,32 @@ def test_sampling_filters_against_hand_computed_values():
     assert out == [int((probs < u7 * probs[-1]).sum()), 4]
 
 
-def test_top_p_over_candidates_equals_the_full_sort():
-    """The nucleus taken from the likeliest `candidates` tokens (rows whose candidates hold more
-    than top_p) or from a full sort (the others) keeps exactly the tokens a direct computation does:
-    sorted probabilities, a token kept while the mass before it is at most top_p."""
+def test_filtered_draw_over_candidates_equals_a_direct_full_sort():
+    """Rows resolved from the 4 or the 32 likeliest tokens or from a full sort draw the token a
+    direct float64 computation gives: temperature, top-k (the k likeliest), top-p (a token kept while
+    the mass before it is at most top_p), then the inverse CDF of the kept tokens, likeliest first."""
     torch.manual_seed(0)
-    x = torch.cat([torch.randn(4, 500) * 4, torch.randn(4, 500) * 0.1])  # peaked rows, then nearly flat ones
-    ps = torch.tensor([0.05, 0.5, 0.9, 0.99] * 2)
+    x = torch.cat([torch.randn(40, 500) * 4, torch.randn(40, 500) * 0.1])  # peaked rows, then nearly flat ones
+    n = len(x)
+    t = torch.tensor([0.5, 1.0, 1.5, 1.0] * (n // 4))
+    k = torch.tensor([0, 0, 3, 20, 0, 100, 0, 0] * (n // 8))
+    p = torch.tensor([0.05, 0.5, 0.9, 0.99, 1.0] * (n // 5))
+    u = torch.rand(n)
 
-    def direct(row: torch.Tensor, p: float) -> set[int]:
-        probs, order = row.double().softmax(0).sort(descending=True)
-        before = probs.cumsum(0) - probs
-        return {int(t) for t, b in zip(order, before) if b <= p}
+    def direct(i: int) -> tuple[int, int]:
+        """The token, and how many tokens the row keeps."""
+        probs, order = (x[i].double() / float(t[i])).softmax(0).sort(descending=True)
+        if k[i] > 0:
+            probs = probs[: int(k[i])] / probs[: int(k[i])].sum()
+        keep = int(((probs.cumsum(0) - probs) <= float(p[i])).sum()) if p[i] < 1 else len(probs)
+        cdf = probs[:keep].cumsum(0)
+        return int(order[int((cdf < float(u[i]) * cdf[-1]).sum())]), keep
 
-    want = [direct(x[i], float(ps[i])) for i in range(len(x))]
-    sizes = sorted(len(w) for w in want)
-    assert sizes[0] == 1 and sizes[3] < 32 < sizes[4]  # with 32 candidates, half the rows need the full sort
-    for candidates in (32, 1024):
-        got = top_p_filter(x.clone(), ps, candidates)
-        assert [set(torch.isfinite(r).nonzero().flatten().tolist()) for r in got] == want
-        assert torch.equal(got[torch.isfinite(got)], x[torch.isfinite(got)])  # kept logits unchanged
+    want = [direct(i) for i in range(n)]
+    sizes = [kept for _, kept in want]
+    assert min(sizes) <= 4 and any(4 < s <= 32 for s in sizes) and max(sizes) > 32  # every stage is needed
+    for stages in ((4, 32), (64, 1024)):
+        assert filtered_draw(x, t, k, p, u, stages).tolist() == [tok for tok, _ in want]
 
 
 def test_mixed_max_tokens_and_stop_strings_end_each_row(tiny, loop):
