@@ -165,7 +165,8 @@ def filtered_draw(x, t, k, p, u, stages: tuple[int, ...] = CANDIDATE_STAGES):
         logz[whole] = (x.index_select(0, whole) / t[whole].unsqueeze(1)).logsumexp(1)
     left = torch.arange(n, device=x.device)
     for size in (*(s for s in stages if s < vocab), vocab):
-        rows, tl, kl, pl = x.index_select(0, left), t[left].unsqueeze(1), k[left].unsqueeze(1), p[left].unsqueeze(1)
+        rows = x if len(left) == n else x.index_select(0, left)
+        tl, kl, pl = t[left].unsqueeze(1), k[left].unsqueeze(1), p[left].unsqueeze(1)
         top, order = rows.sort(dim=1, descending=True) if size == vocab else rows.topk(size, dim=1)
         scaled = top / tl
         rank = torch.arange(size, device=x.device)
@@ -228,6 +229,15 @@ def shared_length(a: list[int], b: list[int], limit: int) -> int:
     """How many leading tokens a and b share, at most `limit`."""
     n = min(len(a), len(b), limit)
     return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def cache_holding(kv: list[tuple[Any, Any]], rows: int) -> DynamicCache:
+    """A cache of full layers (a sliding-window layer would keep less than the slots need) holding
+    one row's keys and values per layer (none: empty), repeated for `rows` rows."""
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), i)
+    return cache
 
 
 def right_aligned(kv: list[tuple[Any, Any]], shared: int, tails: list[int]) -> list[tuple[Any, Any]]:
@@ -401,9 +411,7 @@ class DecodeLoop:
                 r.rng = torch.Generator(device=self.device)
                 r.rng.manual_seed(r.sampling.seed)
         shared, prefix = self._shared_prefix(rows)
-        cache = DynamicCache()  # full layers: a sliding-window layer would keep less than the slots need
-        for i, (k, v) in enumerate(prefix):
-            cache.update(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1), i)
+        cache = cache_holding(prefix, len(rows))
         tails = [r.prompt_ids[shared:] for r in rows]
         width = max(len(t) for t in tails)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -444,9 +452,7 @@ class DecodeLoop:
         kept_tokens, kept = self.kept_prefix
         reuse = shared_length(kept_tokens, first, common)
         if len(rows) > 1 and common - reuse >= SHARED_PREFIX_MIN:
-            cache = DynamicCache()
-            for i, (k, v) in enumerate(kept if reuse else []):
-                cache.update(k[:, :, :reuse], v[:, :, :reuse], i)
+            cache = cache_holding([(k[:, :, :reuse], v[:, :, :reuse]) for k, v in kept] if reuse else [], 1)
             ids = torch.tensor([first[reuse:common]], device=self.device)
             positions = torch.arange(reuse, common, device=self.device).unsqueeze(0)
             self._forward(ids, torch.ones((1, common), dtype=torch.long, device=self.device), positions, cache)
